@@ -1,0 +1,46 @@
+"""Collate encoded examples into right-padded batches with response-only labels.
+
+Labels are the input ids on response tokens and -100 elsewhere, aligned with ``input_ids`` and
+not shifted: the model side shifts, so a batch means the same whatever layout made it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from preftune.data.encode import EncodedDemo, EncodedPair
+
+IGNORE_INDEX = -100
+
+
+def collate_pairs(examples: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """A DPO batch of ``2B`` rows: the ``B`` chosen sequences, then the ``B`` rejected ones.
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``(2B, L)`` with ``L`` the
+    longest sequence in the batch.
+    """
+    chosen = [(example.prompt_ids, example.chosen_ids) for example in examples]
+    rejected = [(example.prompt_ids, example.rejected_ids) for example in examples]
+    return _pad([*chosen, *rejected], pad_id)
+
+
+def collate_demos(examples: Sequence[EncodedDemo], pad_id: int) -> dict[str, torch.Tensor]:
+    """An SFT batch of ``B`` rows: ``input_ids``, ``attention_mask`` and ``labels``, each
+    ``(B, L)``."""
+    return _pad([(example.prompt_ids, example.completion_ids) for example in examples], pad_id)
+
+
+def _pad(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads ``prompt + response`` sequences; only response tokens carry labels."""
+    length = max((len(prompt) + len(response) for prompt, response in sequences), default=0)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, response) in enumerate(sequences):
+        end = len(prompt) + len(response)
+        input_ids[row, :end] = torch.tensor([*prompt, *response], dtype=torch.long)
+        attention_mask[row, :end] = 1
+        labels[row, len(prompt) : end] = input_ids[row, len(prompt) : end]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

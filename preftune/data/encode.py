@@ -1,0 +1,196 @@
+"""Tokenize canonical records into prompt and response ids, truncating to fit a length budget.
+
+The prompt and each response are tokenized separately and concatenated, so the prompt's ids are
+exactly a prefix of every prompt+response sequence: no token merges across the boundary, and
+the response tokens a loss is taken over are the same for chosen and rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from preftune.data.records import Demo, Pair, Text
+from preftune.errors import ConfigError, DataError, PreftuneError
+
+TRUNCATIONS = ("keep_end", "keep_start")
+
+
+@dataclass
+class EncodedPair:
+    """Token ids of one preference pair; a sequence is ``prompt_ids + chosen_ids`` (or rejected)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class EncodedDemo:
+    """Token ids of one demonstration; the sequence is ``prompt_ids + completion_ids``."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+@dataclass
+class TruncationReport:
+    """What fitting rows into the length budget did; truncation counts are over kept rows."""
+
+    rows: int
+    prompts_truncated: int
+    responses_truncated: int
+    dropped: int
+    kept: int
+
+    def summary(self) -> str:
+        """One line, e.g. ``"1000 rows: 12 prompts truncated, 3 responses truncated, 1 dropped
+        (prompt leaves no room for a response)"``."""
+        text = (
+            f"{_count(self.rows, 'row')}: {_count(self.prompts_truncated, 'prompt')} truncated, "
+            f"{_count(self.responses_truncated, 'response')} truncated, {self.dropped} dropped"
+        )
+        if self.dropped:
+            text += " (prompt leaves no room for a response)"
+        return text
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def encode_pairs(
+    pairs: Sequence[Pair],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str = "keep_end",
+) -> tuple[list[EncodedPair], TruncationReport]:
+    """Token ids for each pair, fitted so ``prompt + response`` is at most ``max_length`` tokens.
+
+    A prompt longer than ``max_prompt_length`` keeps its end (``keep_end``) or its start
+    (``keep_start``); then each response is cut, keeping its start, to fit ``max_length``. A
+    row whose prompt alone fills ``max_length`` is dropped. The report counts all three.
+    """
+    examples = [(pair.prompt, (pair.chosen, pair.rejected)) for pair in pairs]
+    encoded, report = _encode(examples, tokenizer, max_length, max_prompt_length, truncation)
+    return [EncodedPair(prompt, *responses) for prompt, responses in encoded], report
+
+
+def encode_demos(
+    demos: Sequence[Demo],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str = "keep_end",
+) -> tuple[list[EncodedDemo], TruncationReport]:
+    """Token ids for each demonstration, fitted to the budget exactly as in ``encode_pairs``."""
+    examples = [(demo.prompt, (demo.completion,)) for demo in demos]
+    encoded, report = _encode(examples, tokenizer, max_length, max_prompt_length, truncation)
+    return [EncodedDemo(prompt, completion) for prompt, (completion,) in encoded], report
+
+
+Example = tuple[Text, tuple[Text, ...]]
+Encoded = tuple[list[int], list[list[int]]]
+
+
+def _encode(
+    examples: list[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str,
+) -> tuple[list[Encoded], TruncationReport]:
+    if truncation not in TRUNCATIONS:
+        expected = " or ".join(repr(name) for name in TRUNCATIONS)
+        raise ConfigError(f"data.truncation: expected {expected}, got {truncation!r}")
+    if max_length < 1:
+        raise ConfigError(f"data.max_length: expected at least 1 token, got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 0:
+        raise ConfigError(f"data.max_prompt_length: expected 0 or more, got {max_prompt_length}")
+    if tokenizer.eos_token_id is None:
+        raise PreftuneError("the tokenizer has no EOS token; responses need one to end on")
+    kept, prompts_cut, responses_cut = [], 0, 0
+    for prompt, responses in _tokenize(examples, tokenizer):
+        prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
+        if prompt_cut:
+            start = len(prompt) - max_prompt_length if truncation == "keep_end" else 0
+            prompt = prompt[start : start + max_prompt_length]
+        room = max_length - len(prompt)
+        if room < 1:
+            continue
+        prompts_cut += prompt_cut
+        responses_cut += any(len(response) > room for response in responses)
+        kept.append((prompt, [response[:room] for response in responses]))
+    report = TruncationReport(
+        rows=len(examples),
+        prompts_truncated=prompts_cut,
+        responses_truncated=responses_cut,
+        dropped=len(examples) - len(kept),
+        kept=len(kept),
+    )
+    return kept, report
+
+
+def _tokenize(examples: list[Example], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """Untruncated ids; texts are rendered first so the tokenizer sees them in large batches."""
+    rendered = [_render(index, *example, tokenizer) for index, example in enumerate(examples)]
+    chats = [chat for _, _, chat in rendered]
+    # Plain prompts take the tokenizer's own special tokens (BOS); a chat template renders its own.
+    prompt_ids: list[list[int]] = [[] for _ in rendered]
+    for chat in (False, True):
+        indices = [index for index, is_chat in enumerate(chats) if is_chat == chat]
+        texts = [rendered[index][0] for index in indices]
+        for index, ids in zip(indices, _ids(tokenizer, texts, not chat), strict=True):
+            prompt_ids[index] = ids
+    response_texts = [text for _, responses, _ in rendered for text in responses]
+    response_ids = iter(_ids(tokenizer, response_texts, False))
+    eos = tokenizer.eos_token_id
+    encoded = []
+    for prompt, (_, responses, chat) in zip(prompt_ids, rendered, strict=True):
+        finished = []
+        for ids in (next(response_ids) for _ in responses):
+            # A chat template's end-of-turn may already be the EOS; plain text ends on EOS.
+            has_eos = eos in ids if chat else ids[-1:] == [eos]
+            finished.append(ids if has_eos else [*ids, eos])
+        encoded.append((prompt, finished))
+    return encoded
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], specials: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=specials)["input_ids"]
+
+
+def _render(
+    index: int, prompt: Text, responses: tuple[Text, ...], tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, list[str], bool]:
+    """The prompt text, each response's text, and whether they came from a chat template."""
+    chat = isinstance(prompt, list)
+    if any(isinstance(response, list) != chat for response in responses):
+        raise PreftuneError(
+            f"example {index + 1}: prompt and responses must all be text or all be conversations"
+        )
+    if not chat:
+        return prompt, list(responses), False
+    if tokenizer.chat_template is None:
+        raise PreftuneError(
+            "the data is conversational but the tokenizer has no chat template; "
+            "set one on the tokenizer or convert the data to plain prompt/response text"
+        )
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for response in responses:
+        full = tokenizer.apply_chat_template([*prompt, *response], tokenize=False)
+        if not full.startswith(prompt_text):
+            raise DataError(
+                "chat template",
+                f"example {index + 1}: rendering prompt+response does not start with the rendered "
+                "prompt, so the response cannot be split off; use a template that renders a "
+                "conversation's earlier turns the same whatever follows",
+            )
+        texts.append(full[len(prompt_text) :])
+    return prompt_text, texts, True

@@ -1,0 +1,237 @@
+"""Detect a dataset's layout and turn its rows into canonical records.
+
+The layout is read off the first row; every later row must have the same one, so a dataset that
+mixes layouts fails on the first row that differs instead of being half-read. Text is validated
+but never rewritten: an implicit prompt is split off, not re-rendered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from preftune.data.records import Demo, Message, Pair, Text
+from preftune.data.sources import Row, read_rows
+from preftune.errors import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+PAIR_FIELDS = {
+    "standard": ("prompt", "chosen", "rejected"),
+    "conversational": ("prompt", "chosen", "rejected"),
+    "implicit": ("chosen", "rejected"),
+    "hh": ("chosen", "rejected"),
+}
+DEMO_FIELDS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+_Detector = Callable[[str, int, Row], str]
+
+
+def load_pairs(spec: str, split: str = "train") -> tuple[list[Pair], str]:
+    """Preference pairs from ``spec`` (see ``read_rows``) and the name of the detected layout.
+
+    Layouts: ``standard`` (prompt/chosen/rejected strings), ``conversational`` (the same as
+    message lists), ``implicit`` (chosen/rejected only; the prompt is their shared start) and
+    ``hh`` (Anthropic-HH transcripts; the prompt runs to the last ``"\\n\\nAssistant:"``).
+    """
+    rows = read_rows(spec, split)
+    layout = _pair_layout(spec, *rows[0])
+    read = _PAIR_READERS[layout]
+    # Whether implicit pairs are text or conversations is also fixed by the first row.
+    if layout == "implicit" and isinstance(rows[0][1]["chosen"], list):
+        read = _implicit_conversation
+    pairs = []
+    for number, row in rows:
+        check = _Checker(spec, number, row)
+        check.conforms(layout, PAIR_FIELDS[layout], _pair_layout)
+        pairs.append(read(check))
+    return pairs, layout
+
+
+def load_demos(spec: str, split: str = "train") -> tuple[list[Demo], str]:
+    """Demonstrations from ``spec`` (see ``read_rows``) and the name of the detected layout.
+
+    Layouts: ``prompt_completion`` (strings or message lists) and ``messages`` (one conversation;
+    its last message, which must be the assistant's, is the completion).
+    """
+    rows = read_rows(spec, split)
+    layout = _demo_layout(spec, *rows[0])
+    conversational = layout == "messages" or isinstance(rows[0][1]["prompt"], list)
+    demos = []
+    for number, row in rows:
+        check = _Checker(spec, number, row)
+        check.conforms(layout, DEMO_FIELDS[layout], _demo_layout)
+        demos.append(_read_demo(check, layout, conversational))
+    return demos, layout
+
+
+def _present(row: Row, field: str) -> bool:
+    # Column-based sources (parquet, datasets) fill a field a row lacks with None.
+    return row.get(field) is not None
+
+
+def _pair_layout(spec: str, number: int, row: Row) -> str:
+    for field in ("chosen", "rejected"):
+        if not _present(row, field):
+            columns = ", ".join(row) or "none"
+            message = f"missing; preference data needs chosen and rejected (columns: {columns})"
+            raise DataError(spec, message, row=number, field=field)
+    if _present(row, "prompt"):
+        return "conversational" if isinstance(row["prompt"], list) else "standard"
+    chosen = row["chosen"]
+    if isinstance(chosen, str) and HUMAN in chosen and ASSISTANT in chosen:
+        return "hh"
+    return "implicit"
+
+
+def _demo_layout(spec: str, number: int, row: Row) -> str:
+    if _present(row, "prompt") and _present(row, "completion"):
+        return "prompt_completion"
+    if _present(row, "messages"):
+        return "messages"
+    field = "completion" if _present(row, "prompt") else "messages"
+    columns = ", ".join(row) or "none"
+    message = f"missing; demos need prompt and completion, or messages (columns: {columns})"
+    raise DataError(spec, message, row=number, field=field)
+
+
+class _Checker:
+    """Validates the fields of one row, raising errors that name the source, row and field."""
+
+    def __init__(self, spec: str, number: int, row: Row) -> None:
+        self.spec, self.number, self.row = spec, number, row
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(self.spec, message, row=self.number, field=field)
+
+    def conforms(self, dataset: str, fields: tuple[str, ...], detect: _Detector) -> None:
+        """Checks the row has the dataset's fields, then that it has the dataset's layout."""
+        for field in fields:
+            if not _present(self.row, field):
+                raise self.error(f"missing (layout {dataset} needs {', '.join(fields)})", field)
+        found = detect(self.spec, self.number, self.row)
+        # A transcript-looking row in a plain implicit dataset is still a valid implicit pair.
+        if found != dataset and (found, dataset) != ("hh", "implicit"):
+            raise self.error(f"row has layout {found} but the dataset is {dataset}")
+
+    def string(self, field: str, response: bool = False) -> str:
+        value = self.row[field]
+        if not isinstance(value, str):
+            raise self.error(f"expected a string, got {type(value).__name__}", field)
+        if response:
+            self.nonempty(value, field)
+        return value
+
+    def nonempty(self, text: Text, field: str) -> None:
+        contents = [text] if isinstance(text, str) else [m["content"] for m in text]
+        if not "".join(contents).strip():
+            raise self.error("empty response", field)
+
+    def conversation(self, field: str, response: bool = False) -> list[Message]:
+        value = self.row[field]
+        if not isinstance(value, list):
+            raise self.error(f"expected a list of messages, got {type(value).__name__}", field)
+        if not value:
+            raise self.error("empty conversation", field)
+        for index, message in enumerate(value):
+            self.message(message, f"{field}[{index}]")
+        if response:
+            self.nonempty(value, field)
+        return value
+
+    def message(self, message: Any, field: str) -> None:
+        if not isinstance(message, dict):
+            got = type(message).__name__
+            raise self.error(f"expected a message with role and content, got {got}", field)
+        for key in ("role", "content"):
+            if key not in message:
+                raise self.error(f"message has no '{key}'", field)
+        if message["role"] not in ROLES:
+            valid = ", ".join(ROLES)
+            raise self.error(f"unknown role {message['role']!r}; valid: {valid}", f"{field}.role")
+        if not isinstance(message["content"], str):
+            got = type(message["content"]).__name__
+            raise self.error(f"expected a string, got {got}", f"{field}.content")
+
+    def text(self, field: str, conversational: bool, response: bool = False) -> Text:
+        if conversational:
+            return self.conversation(field, response)
+        return self.string(field, response)
+
+    def final_assistant(self, field: str) -> tuple[list[Message], list[Message]]:
+        """A conversation split into everything before its last message and that message."""
+        conversation = self.conversation(field)
+        role = conversation[-1]["role"]
+        if role != "assistant":
+            message = f"the last message must be the assistant's, got role '{role}'"
+            raise self.error(message, f"{field}[{len(conversation) - 1}].role")
+        if len(conversation) == 1:
+            raise self.error("no messages before the final assistant message to prompt it", field)
+        self.nonempty(conversation[-1:], field)
+        return conversation[:-1], conversation[-1:]
+
+
+def _standard(check: _Checker) -> Pair:
+    prompt = check.string("prompt")
+    return Pair(prompt, check.string("chosen", True), check.string("rejected", True))
+
+
+def _conversational(check: _Checker) -> Pair:
+    prompt = check.conversation("prompt")
+    chosen = check.conversation("chosen", response=True)
+    return Pair(prompt, chosen, check.conversation("rejected", response=True))
+
+
+def _implicit_conversation(check: _Checker) -> Pair:
+    prompt, chosen = check.final_assistant("chosen")
+    rejected_prompt, rejected = check.final_assistant("rejected")
+    if rejected_prompt != prompt:
+        message = "the messages before the final assistant message differ from chosen's"
+        raise check.error(message, "rejected")
+    return Pair(prompt, chosen, rejected)
+
+
+def _implicit_text(check: _Checker) -> Pair:
+    chosen, rejected = check.string("chosen"), check.string("rejected")
+    shared = next(
+        (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
+        min(len(chosen), len(rejected)),
+    )
+    # Back off to the last whitespace so each response starts at a word boundary, as a
+    # tokenizer would split it, rather than inside a word both happen to begin.
+    cut = next((i for i in range(shared - 1, 0, -1) if chosen[i].isspace()), 0)
+    if not chosen[:cut].strip():
+        message = "chosen and rejected share no prompt (no common start up to a word boundary)"
+        raise check.error(message, "rejected")
+    return _split(check, chosen[:cut], chosen, rejected)
+
+
+def _hh(check: _Checker) -> Pair:
+    chosen, rejected = check.string("chosen"), check.string("rejected")
+    prompt = chosen[: chosen.rfind(ASSISTANT) + len(ASSISTANT)]
+    if not rejected.startswith(prompt):
+        message = "does not start with chosen's transcript up to its last '\\n\\nAssistant:'"
+        raise check.error(message, "rejected")
+    return _split(check, prompt, chosen, rejected)
+
+
+def _split(check: _Checker, prompt: str, chosen: str, rejected: str) -> Pair:
+    pair = Pair(prompt, chosen[len(prompt) :], rejected[len(prompt) :])
+    check.nonempty(pair.chosen, "chosen")
+    check.nonempty(pair.rejected, "rejected")
+    return pair
+
+
+_PAIR_READERS = {
+    "standard": _standard,
+    "conversational": _conversational,
+    "implicit": _implicit_text,
+    "hh": _hh,
+}
+
+
+def _read_demo(check: _Checker, layout: str, conversational: bool) -> Demo:
+    if layout == "messages":
+        return Demo(*check.final_assistant("messages"))
+    prompt = check.text("prompt", conversational)
+    return Demo(prompt, check.text("completion", conversational, response=True))

@@ -1,0 +1,20 @@
+"""Data keys (``data.*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from preftune.fields import option
+
+
+@dataclass
+class DataConfig:
+    train: str | None = option(
+        None, "training data: .jsonl/.json/.parquet/.csv, a `datasets` dir, or hub name[:split]"
+    )
+    eval: str | None = option(None, "evaluation data, same forms as data.train (split: test)")
+    max_length: int = option(512, "longest prompt+response in tokens; longer responses are cut")
+    max_prompt_length: int | None = option(256, "longest prompt in tokens (null: no limit)")
+    truncation: str = option(
+        "keep_end", "which part of a long prompt to keep", ("keep_end", "keep_start")
+    )

@@ -1,0 +1,199 @@
+"""Read raw rows from wherever a dataset lives: a local file, a ``datasets`` directory, or the hub.
+
+Every reader returns ``(row_number, row)`` pairs with 1-based row numbers that point back into
+the source, so a later error can say exactly which row to fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import DataError
+
+Row = dict[str, Any]
+NEWLINE = b"\n"
+
+ACCEPTED = ".jsonl, .json, .parquet, .csv, or a directory saved by datasets.save_to_disk"
+# ``org/name`` with an optional ``:split``; anything else that does not exist is a missing file.
+_HUB_ID = re.compile(r"^(?P<name>[\w][\w.-]*/[\w][\w.-]*)(?::(?P<split>[\w.-]+))?$")
+
+
+def read_rows(spec: str, split: str = "train") -> list[tuple[int, Row]]:
+    """The rows of the dataset named by ``spec``, each with its 1-based row number.
+
+    ``spec`` is a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory written by
+    ``datasets.save_to_disk``, or a hub id ``org/name`` (optionally ``org/name:split``, which
+    overrides ``split``). Raises ``DataError`` naming the source (and row) on anything unreadable.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        rows = _read_saved_dataset(spec, path, split)
+    elif path.is_file():
+        rows = _read_file(spec, path)
+    else:
+        hub = _HUB_ID.match(spec)
+        if hub is None or path.suffix.lower() in _READERS or spec.startswith((".", "/", "~")):
+            raise DataError(spec, "no such file")
+        rows = _read_hub(spec, hub["name"], hub["split"] or split)
+    if not rows:
+        raise DataError(spec, "no rows")
+    return rows
+
+
+def _read_file(spec: str, path: Path) -> list[tuple[int, Row]]:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        kind = f"'{path.suffix}'" if path.suffix else "with no extension"
+        raise DataError(spec, f"unknown file type {kind}; accepted: {ACCEPTED}")
+    return reader(spec, path)
+
+
+def _decode(spec: str, data: bytes, row: int | None = None) -> str:
+    # utf-8-sig is as strict as utf-8 but accepts the byte-order mark some editors write.
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(NEWLINE, 0, error.start) + 1
+        where = f"column {error.start - line_start + 1}"
+        if row is None:
+            where = f"line {data.count(NEWLINE, 0, error.start) + 1} {where}"
+        message = f"not valid UTF-8: byte 0x{data[error.start]:02x} at {where}"
+        raise DataError(spec, message, row=row) from None
+
+
+def _as_object(spec: str, value: Any, row: int) -> Row:
+    if not isinstance(value, dict):
+        raise DataError(spec, f"expected a JSON object, got {_json_type(value)}", row=row)
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
+
+
+def _read_jsonl(spec: str, path: Path) -> list[tuple[int, Row]]:
+    return _parse_jsonl(spec, path.read_bytes())
+
+
+def _parse_jsonl(spec: str, data: bytes) -> list[tuple[int, Row]]:
+    rows = []
+    for number, raw in enumerate(data.split(NEWLINE), start=1):
+        line = _decode(spec, raw, row=number).strip()
+        if not line:
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            message = f"invalid JSON: {error.msg} at column {error.colno}"
+            raise DataError(spec, message, row=number) from None
+        rows.append((number, _as_object(spec, value, number)))
+    return rows
+
+
+def _read_json(spec: str, path: Path) -> list[tuple[int, Row]]:
+    data = path.read_bytes()
+    text = _decode(spec, data)
+    if not text.strip():
+        return []
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        # A .json file holding one object per line is common enough to accept as JSON Lines.
+        if error.msg == "Extra data":
+            return _parse_jsonl(spec, data)
+        message = f"invalid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        raise DataError(spec, message) from None
+    if isinstance(document, dict):
+        lists = [key for key, value in document.items() if isinstance(value, list)]
+        if len(lists) != 1:
+            found = ", ".join(lists) or "none"
+            message = f"expected a list of objects or an object holding one list; lists: {found}"
+            raise DataError(spec, message)
+        document = document[lists[0]]
+    if not isinstance(document, list):
+        raise DataError(spec, f"expected a list of objects, got {_json_type(document)}")
+    return [(index, _as_object(spec, value, index)) for index, value in enumerate(document, 1)]
+
+
+def _read_csv(spec: str, path: Path) -> list[tuple[int, Row]]:
+    text = _decode(spec, path.read_bytes())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    for number, record in enumerate(reader, start=1):
+        # DictReader files surplus cells under the key None and fills missing ones with None.
+        surplus = record.pop(None, [])
+        if surplus or None in record.values():
+            cells = sum(value is not None for value in record.values()) + len(surplus)
+            message = f"has {cells} cells but the header names {len(record)} columns"
+            raise DataError(spec, message, row=number)
+        rows.append((number, {key: _parse_cell(value) for key, value in record.items()}))
+    return rows
+
+
+def _parse_cell(text: str) -> Any:
+    """A cell holding a JSON list (a conversation) becomes that list; any other text stays."""
+    if not text.lstrip().startswith("["):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, list) else text
+
+
+def _read_parquet(spec: str, path: Path) -> list[tuple[int, Row]]:
+    import pyarrow  # imported here: pyarrow is slow to import and most runs read other files
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataError(spec, f"cannot read as parquet: {_one_line(error)}") from None
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def _read_saved_dataset(spec: str, path: Path, split: str) -> list[tuple[int, Row]]:
+    import datasets  # imported here: datasets takes seconds to import and few sources need it
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as error:
+        message = f"not a directory saved by datasets.save_to_disk ({_one_line(error)})"
+        raise DataError(spec, message) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(spec, f"no split '{split}'; available: {', '.join(loaded)}")
+        loaded = loaded[split]
+    return list(enumerate(loaded, start=1))
+
+
+def _read_hub(spec: str, name: str, split: str) -> list[tuple[int, Row]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as error:  # any failure (network, auth, missing split) is the user's to fix
+        message = f"not a local file, and loading it from the hub failed: {_one_line(error)}"
+        raise DataError(spec, message) from None
+    return list(enumerate(loaded, start=1))
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+_READERS = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
