@@ -1,0 +1,23 @@
+"""Model keys (``model.*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from preftune.fields import option
+
+
+@dataclass
+class ModelConfig:
+    path: str = option("tiny", "`tiny` (built from code), a local model directory, or a hub id")
+    dtype: str = option(
+        "auto",
+        "compute dtype: auto (bf16 on GPUs that have it, else float32) | float32 | bfloat16",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    trust_remote_code: bool = option(False, "allow model code shipped with a hub model to run")
+    disable_dropout: bool = option(True, "set dropout to zero in policy and reference")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    hidden_size: int | None = option(None, "tiny preset only: hidden size (null: 64)")
+    num_layers: int | None = option(None, "tiny preset only: number of layers (null: 2)")
+    num_heads: int | None = option(None, "tiny preset only: attention heads (null: 4)")
