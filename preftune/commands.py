@@ -1,0 +1,107 @@
+"""The commands: wire config, data, model and objective together and hand them to the loop."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+
+from preftune.config import DPOConfig, SFTConfig, to_dict
+from preftune.data.encode import TruncationReport, encode_demos, encode_pairs
+from preftune.data.formats import load_demos, load_pairs
+from preftune.errors import ConfigError
+from preftune.losses import PAIRED_LOSSES
+from preftune.models.load import ModelSpec, load_model, load_tokenizer, resolve_dtype
+from preftune.models.reference import FrozenCopy
+from preftune.objectives.dpo import PairedObjective
+from preftune.objectives.sft import SFTObjective
+from preftune.train.card import write_model_card
+from preftune.train.loop import Run, train
+
+MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def run_dpo(cfg: DPOConfig) -> dict[str, float]:
+    spec = PAIRED_LOSSES[cfg.loss.type]
+    if cfg.loss.label_smoothing and not spec.uses_label_smoothing:
+        raise ConfigError(f"loss.label_smoothing has no effect with loss.type={cfg.loss.type}")
+    if not 0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError("loss.label_smoothing must be in [0, 0.5)")
+    acc = _accelerator(cfg)
+    tokenizer = load_tokenizer(_model_spec(cfg))
+    train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_pairs, encode_pairs)
+    eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_pairs, encode_pairs)
+    model = load_model(_model_spec(cfg), tokenizer)
+    needs_reference = spec.needs_reference and not cfg.loss.reference_free
+    reference = FrozenCopy(model, acc.device) if needs_reference else None
+    objective = PairedObjective(cfg.loss, reference, tokenizer.pad_token_id)
+    return _train_and_save(cfg, "dpo", acc, model, tokenizer, objective, train_set, eval_set)
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, float]:
+    acc = _accelerator(cfg)
+    tokenizer = load_tokenizer(_model_spec(cfg))
+    train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_demos, encode_demos)
+    eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_demos, encode_demos)
+    model = load_model(_model_spec(cfg), tokenizer)
+    objective = SFTObjective(tokenizer.pad_token_id)
+    return _train_and_save(cfg, "sft", acc, model, tokenizer, objective, train_set, eval_set)
+
+
+def _accelerator(cfg: SFTConfig) -> Accelerator:
+    # Several processes on a machine without CUDA: accelerate joins them over gloo only when
+    # told the run is on CPU.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    dtype = resolve_dtype(cfg.model.dtype, PartialState(cpu=cpu).device)
+    set_seed(cfg.seed)
+    return Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[str(dtype).removeprefix("torch.")])
+
+
+def _model_spec(cfg: SFTConfig) -> ModelSpec:
+    m = cfg.model
+    sizes = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads}
+    return ModelSpec(
+        m.path, m.trust_remote_code, m.disable_dropout, m.gradient_checkpointing, cfg.seed, sizes
+    )
+
+
+def _encoded(cfg, tokenizer, source, split, acc, load, encode) -> list[Any] | None:
+    """Read, validate and tokenize one dataset, reporting what truncation did to it."""
+    if source is None:
+        if split == "train":
+            raise ConfigError("data.train is required: a data file, directory or hub dataset")
+        return None
+    records, layout = load(source, split)
+    d = cfg.data
+    examples, report = encode(records, tokenizer, d.max_length, d.max_prompt_length, d.truncation)
+    acc.print(f"{source}: layout {layout}; {report.summary()}")
+    _check_not_empty(source, report)
+    return examples
+
+
+def _check_not_empty(source: str, report: TruncationReport) -> None:
+    if report.kept == 0:
+        raise ConfigError(f"{source}: no rows left after truncation; raise data.max_length")
+
+
+def _train_and_save(cfg, command, acc, model, tokenizer, objective, train_set, eval_set):
+    output_dir = Path(cfg.output_dir)
+    config = to_dict(cfg)
+    if acc.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "preftune_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run = Run(acc, model, objective, train_set, eval_set, cfg.train, output_dir, cfg.seed)
+    metrics = train(run)
+    if acc.is_main_process:
+        model.save_pretrained(output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+        write_model_card(output_dir, command, cfg.model.path, config, metrics)
+        acc.print(f"saved the {command} model to {output_dir}")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return metrics

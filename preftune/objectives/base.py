@@ -1,0 +1,34 @@
+"""What the training loop asks of an objective: batches in, a summed loss and metrics out."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+# A metric is accumulated as (sum, count) so that averages over micro-batches and processes are
+# exact, whatever the split.
+Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Batch = dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    name: str
+
+    def collate(self, examples: list[Any]) -> Batch:
+        """Pad a list of encoded examples into one batch."""
+        ...
+
+    def weight(self, batch: Batch) -> int:
+        """How many units (examples or tokens) the loss of ``batch`` is summed over."""
+        ...
+
+    def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
+        """The loss summed over the batch's units, and detached metrics."""
+        ...
+
+
+def mean_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-example metric, to be averaged over every example of the step."""
+    values = values.detach().float()
+    return values.sum(), torch.tensor(values.numel(), dtype=torch.float32, device=values.device)

@@ -1,0 +1,189 @@
+"""The one training loop: every objective and every command runs through :func:`train`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from preftune.errors import ConfigError
+from preftune.objectives.base import Batch, Metrics, Objective
+from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.train.metrics_log import MetricsLog
+from preftune.train.optim import build_optimizer, build_scheduler
+from preftune.train.sampler import StepSampler, chunks, process_share
+from preftune.train.settings import TrainConfig
+
+
+@dataclass
+class Run:
+    """Everything the loop needs; it knows nothing of the objective's math or the data's source."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    objective: Objective
+    train_examples: Sequence[Any]
+    eval_examples: Sequence[Any] | None
+    config: TrainConfig
+    output_dir: Path
+    seed: int
+
+
+def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
+    """Examples per process per forward; the global batch must split evenly into them."""
+    if cfg.batch_size % num_processes:
+        raise ConfigError(
+            f"train.batch_size={cfg.batch_size} does not split over {num_processes} processes"
+        )
+    per_process = cfg.batch_size // num_processes
+    size = cfg.micro_batch_size or per_process
+    if per_process % size:
+        raise ConfigError(
+            f"train.micro_batch_size={size} does not divide the {per_process} examples per process"
+            f" (train.batch_size={cfg.batch_size} over {num_processes} processes)"
+        )
+    return size
+
+
+def total_steps(cfg: TrainConfig, sampler: StepSampler) -> int:
+    return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch
+
+
+def train(run: Run) -> dict[str, float]:
+    """Train until the last step, resuming from the newest checkpoint in ``run.output_dir``."""
+    acc, cfg = run.accelerator, run.config
+    micro = micro_batch_size(cfg, acc.num_processes)
+    if len(run.train_examples) < cfg.batch_size:
+        raise ConfigError(
+            f"data.train has {len(run.train_examples)} usable examples, fewer than "
+            f"train.batch_size={cfg.batch_size}"
+        )
+    sampler = StepSampler(len(run.train_examples), cfg.batch_size, run.seed)
+    steps = total_steps(cfg, sampler)
+    optimizer = build_optimizer(run.model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    start = 0
+    checkpoint = latest_checkpoint(run.output_dir)
+    if checkpoint is not None:
+        start = load_checkpoint(checkpoint, run.model, optimizer, scheduler)
+        acc.print(f"resuming from {checkpoint} (step {start} of {steps})")
+    accumulation = cfg.batch_size // (acc.num_processes * micro)
+    acc.print(
+        f"{steps} steps of {cfg.batch_size} examples = {acc.num_processes} processes x "
+        f"{accumulation} micro-batches x {micro}; {sampler.unused_per_epoch} examples a "
+        f"epoch left over by the batch size"
+    )
+    model, optimizer = acc.prepare(run.model, optimizer)
+    log = MetricsLog(run.output_dir, steps, start, acc.is_main_process, run.objective.name)
+    for step in range(start + 1, steps + 1):
+        indices = process_share(sampler.global_batch(step), acc.process_index, acc.num_processes)
+        batches = [
+            run.objective.collate([run.train_examples[i] for i in part])
+            for part in chunks(indices, micro)
+        ]
+        stats = _optimizer_step(model, run.objective, batches, acc, optimizer, cfg)
+        stats["learning_rate"] = scheduler.get_last_lr()[0]
+        scheduler.step()
+        log.count_tokens(int(stats.pop("tokens")))
+        if step % cfg.log_every == 0 or step == steps:
+            log.log(step, stats)
+        if run.eval_examples and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            evaluated = evaluate(
+                acc.unwrap_model(model), run.objective, run.eval_examples, micro, acc
+            )
+            log.log(step, evaluated, prefix="eval/")
+        if step == steps or (cfg.save_every and step % cfg.save_every == 0):
+            if acc.is_main_process:
+                save_checkpoint(
+                    run.output_dir,
+                    step,
+                    acc.unwrap_model(model),
+                    optimizer,
+                    scheduler,
+                    cfg.keep_checkpoints,
+                )
+            acc.wait_for_everyone()
+        log.advance()
+    log.close()
+    return {key: value for key, value in log.latest.items() if key != "step"}
+
+
+def _optimizer_step(
+    model: torch.nn.Module,
+    objective: Objective,
+    batches: list[Batch],
+    acc: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+) -> dict[str, float]:
+    """Accumulate over ``batches`` so the gradient is that of the mean over the global batch."""
+    local_weight = sum(objective.weight(batch) for batch in batches)
+    total_weight = acc.reduce(torch.tensor(float(local_weight), device=acc.device), "sum")
+    # Each process's gradients are averaged by the engine, hence the factor num_processes.
+    scale = acc.num_processes / total_weight.item()
+    sums: Metrics = {}
+    tokens = 0
+    for index, batch in enumerate(batches):
+        batch = {key: value.to(acc.device) for key, value in batch.items()}
+        sync = index == len(batches) - 1
+        with nullcontext() if sync else acc.no_sync(model):
+            with acc.autocast():
+                loss_sum, metrics = objective.compute(model, batch)
+            acc.backward(loss_sum * scale)
+        _accumulate(sums, metrics)
+        tokens += int(batch["attention_mask"].sum())
+    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats = _reduce(sums, acc)
+    stats["grad_norm"] = float(grad_norm)
+    stats["tokens"] = float(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
+    return stats
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    objective: Objective,
+    examples: Sequence[Any],
+    micro: int,
+    acc: Accelerator,
+) -> dict[str, float]:
+    """Metrics averaged over every eval example; each process scores every num_processes-th."""
+    model.eval()
+    sums: Metrics = {}
+    mine = list(range(acc.process_index, len(examples), acc.num_processes))
+    for part in chunks(mine, micro):
+        batch = objective.collate([examples[i] for i in part])
+        batch = {key: value.to(acc.device) for key, value in batch.items()}
+        with acc.autocast():
+            _, metrics = objective.compute(model, batch)
+        _accumulate(sums, metrics)
+    model.train()
+    return _reduce(sums, acc)
+
+
+def _accumulate(sums: Metrics, metrics: Metrics) -> None:
+    for key, (total, count) in metrics.items():
+        if key in sums:
+            sums[key] = (sums[key][0] + total, sums[key][1] + count)
+        else:
+            sums[key] = (total, count)
+
+
+def _reduce(sums: Metrics, acc: Accelerator) -> dict[str, float]:
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    packed = torch.stack([torch.stack(sums[key]).float() for key in keys]).to(acc.device)
+    packed = acc.reduce(packed, "sum")
+    return {
+        key: (total / max(count, 1.0))
+        for key, (total, count) in zip(keys, packed.tolist(), strict=True)
+    }

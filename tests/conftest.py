@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_TRAIN = ROOT / "examples" / "data" / "sums_train.jsonl"
+SAMPLE_EVAL = ROOT / "examples" / "data" / "sums_eval.jsonl"
+SAMPLE_SFT = ROOT / "examples" / "data" / "sums_sft.jsonl"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(*args: str, launcher: list[str] | None = None, cwd: Path = ROOT):
+    """Run ``python -m preftune`` (or under ``launcher``) in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    command = [*(launcher or [sys.executable]), "-m", "preftune", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def small_run(tmp_path: Path) -> list[str]:
+    """Overrides for a few-second DPO run of the tiny preset on the bundled sample."""
+    return [
+        f"data.train={SAMPLE_TRAIN}",
+        "data.max_length=48",
+        "data.max_prompt_length=24",
+        "train.batch_size=8",
+        "train.max_steps=6",
+        "train.learning_rate=1e-3",
+        "train.log_every=1",
+        f"output_dir={tmp_path / 'out'}",
+    ]
