@@ -11,7 +11,7 @@ import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
-from preftune.config import DPOConfig, SFTConfig, to_dict
+from preftune.config import DPOConfig, SFTConfig, flatten, to_dict
 from preftune.data.encode import TruncationReport, encode_demos, encode_pairs
 from preftune.data.formats import load_demos, load_pairs
 from preftune.errors import ConfigError
@@ -95,7 +95,8 @@ def _train_and_save(cfg, command, acc, model, tokenizer, objective, train_set, e
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "preftune_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    run = Run(acc, model, objective, train_set, eval_set, cfg.train, output_dir, cfg.seed)
+    flat = flatten(config)
+    run = Run(acc, model, objective, train_set, eval_set, cfg.train, output_dir, cfg.seed, flat)
     metrics = train(run)
     if acc.is_main_process:
         model.save_pretrained(output_dir, safe_serialization=True)

@@ -71,6 +71,13 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    _flatten(tree, "", flat)
+    return flat
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -141,6 +148,12 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> Any:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the field's type, converting strings written as numbers."""
+    if typing.get_origin(hint) is list:
+        (item_hint,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            raise ConfigError(f"config key '{key}' needs at least one value")
+        return [_coerce(key, item, item_hint) for item in items]
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None:
         if type(None) in options:

@@ -175,3 +175,12 @@ def test_conversational_pairs_train_through_the_chat_template(tmp_path: Path) ->
         ]
     )
     assert metrics["eval/rewards/accuracies"] == 1.0
+
+
+def test_resuming_a_different_run_is_refused(small_run: list[str], tmp_path: Path) -> None:
+    from preftune.errors import ConfigError
+
+    dpo(small_run)
+    dpo([*small_run, "train.log_every=2"])  # a logging change resumes
+    with pytest.raises(ConfigError, match=r"different run \(loss\.beta was 0\.1, now 0\.2\)"):
+        dpo([*small_run, "loss.beta=0.2"])

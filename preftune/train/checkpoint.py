@@ -39,6 +39,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
+    run_config: dict[str, Any],
 ) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def save_checkpoint(
         },
         staging / "training_state.pt",
     )
-    (staging / "state.json").write_text(json.dumps({"step": step}))
+    (staging / "state.json").write_text(json.dumps({"step": step, "config": run_config}))
     _fsync_dir(staging)
     if final.exists():
         shutil.rmtree(final)
@@ -65,6 +66,11 @@ def save_checkpoint(
     _fsync_dir(root)
     _prune(root, keep)
     return final
+
+
+def checkpoint_config(path: Path) -> dict[str, Any]:
+    """The config of the run that wrote the checkpoint at ``path``."""
+    return json.loads((path / "state.json").read_text())["config"]
 
 
 def load_checkpoint(

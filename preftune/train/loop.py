@@ -14,7 +14,12 @@ from accelerate import Accelerator
 
 from preftune.errors import ConfigError
 from preftune.objectives.base import Batch, Metrics, Objective
-from preftune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from preftune.train.checkpoint import (
+    checkpoint_config,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from preftune.train.metrics_log import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
 from preftune.train.sampler import StepSampler, chunks, process_share
@@ -33,6 +38,18 @@ class Run:
     config: TrainConfig
     output_dir: Path
     seed: int
+    run_config: dict[str, Any]
+    """The whole config, flattened to dotted keys; a resumed run must match it."""
+
+
+# Keys that only change what is logged or kept, so a run may resume with new values.
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+)
 
 
 def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
@@ -71,6 +88,7 @@ def train(run: Run) -> dict[str, float]:
     start = 0
     checkpoint = latest_checkpoint(run.output_dir)
     if checkpoint is not None:
+        _check_same_run(checkpoint_config(checkpoint), run.run_config, run.output_dir)
         start = load_checkpoint(checkpoint, run.model, optimizer, scheduler)
         acc.print(f"resuming from {checkpoint} (step {start} of {steps})")
     accumulation = cfg.batch_size // (acc.num_processes * micro)
@@ -107,11 +125,22 @@ def train(run: Run) -> dict[str, float]:
                     optimizer,
                     scheduler,
                     cfg.keep_checkpoints,
+                    run.run_config,
                 )
             acc.wait_for_everyone()
         log.advance()
     log.close()
     return {key: value for key, value in log.latest.items() if key != "step"}
+
+
+def _check_same_run(saved: dict[str, Any], current: dict[str, Any], output_dir: Path) -> None:
+    for key in sorted(saved.keys() | current.keys()):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+            raise ConfigError(
+                f"{output_dir} holds a checkpoint of a different run ({key} was "
+                f"{saved.get(key)!r}, now {current.get(key)!r}): resume with the same config or "
+                f"choose another output_dir"
+            )
 
 
 def _optimizer_step(
