@@ -8,11 +8,13 @@ from collections.abc import Callable
 
 from preftune import __version__
 from preftune.config import DPOConfig, SFTConfig, describe, load_config
+from preftune.demo.settings import DemoConfig
 from preftune.errors import PreftuneError
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "dpo": (DPOConfig, "align a model to preference pairs (DPO, IPO, SLiC, …)"),
     "sft": (SFTConfig, "supervised fine-tuning on prompt/completion or messages rows"),
+    "demo": (DemoConfig, "the DPO paper's controlled-sentiment experiment, offline, in minutes"),
 }
 
 
@@ -45,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _runner(command: str) -> Callable:
     # Imported lazily so that --help answers without loading torch and transformers.
     from preftune import commands
+    from preftune.demo.pipeline import run_demo
 
-    return {"dpo": commands.run_dpo, "sft": commands.run_sft}[command]
+    return {"dpo": commands.run_dpo, "sft": commands.run_sft, "demo": run_demo}[command]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,10 @@ code with no download, deterministic from a seed. Tests and the demo run on it."
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
@@ -34,14 +36,30 @@ def _byte_alphabet() -> list[str]:
     return [chars[byte] for byte in range(256)]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level: one token per UTF-8 byte, plus special tokens and a chat template."""
-    vocab = {char: byte for byte, char in enumerate(_byte_alphabet())}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+def build_tokenizer(
+    corpus: Iterable[str] | None = None, vocab_size: int = 1024
+) -> PreTrainedTokenizerFast:
+    """Byte-level, with a chat template and special tokens.
+
+    With no ``corpus``, one token per UTF-8 byte. With one, byte-level BPE merges are learned from
+    it (deterministically) up to ``vocab_size`` tokens, as GPT-2-style tokenizers are built, so
+    text like the corpus takes a few tokens per word instead of one per byte.
+    """
+    alphabet = _byte_alphabet()
+    if corpus is None:
+        vocab = {char: byte for byte, char in enumerate(alphabet)}
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    else:
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False
+        )
+        backend.train_from_iterator(corpus, trainer=trainer)
     backend.decoder = decoders.ByteLevel()
     # Like Llama's tokenizers: plain text gets BOS from add_special_tokens; chat renders its own.
-    bos_id = len(vocab)
+    bos_id = backend.get_vocab_size()
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
     )

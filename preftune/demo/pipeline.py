@@ -1,0 +1,165 @@
+"""``preftune demo``: the DPO paper's controlled-sentiment experiment, end to end.
+
+Prompts are the openings of movie reviews and VADER's sentiment score is the ground-truth
+reward. An SFT policy is sampled to build preference pairs; DPO at several β and Preferred-FT
+(SFT on the chosen completions) start from it; each policy is scored by mean reward against
+KL(π‖π_SFT) on held-out prompts. Everything runs through preftune's public commands.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from preftune.commands import run_dpo, run_sft
+from preftune.config import DPOConfig, SFTConfig
+from preftune.data.settings import DataConfig
+from preftune.data.sources import read_rows
+from preftune.demo.corpus import generate_reviews, split_opening
+from preftune.demo.evaluate import Policy, evaluate_policies, sample_pairs
+from preftune.demo.judge import sentiment_judge
+from preftune.demo.report import write_report
+from preftune.demo.settings import DemoConfig
+from preftune.models.settings import ModelConfig
+from preftune.models.tiny import build_model, build_tokenizer
+from preftune.objectives.settings import LossConfig
+from preftune.train.settings import TrainConfig
+
+MAX_LENGTH = 128
+
+
+@dataclass
+class Corpus:
+    reviews: list[str]
+    pair_prompts: list[str]
+    eval_prompts: list[str]
+
+
+def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
+    out = Path(cfg.output_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    judge = sentiment_judge()
+    corpus = load_corpus(cfg)
+    base = prepare_base_model(cfg, corpus.reviews, out / "base")
+
+    sft_dir = out / "sft"
+    sft_data = _write_jsonl(
+        out / "data" / "sft.jsonl", [{"prompt": "", "completion": r} for r in corpus.reviews]
+    )
+    run_sft(
+        _sft_config(
+            cfg, base, sft_data, sft_dir, cfg.sft.steps, cfg.sft.learning_rate, cfg.sft.batch_size
+        )
+    )
+
+    train_pairs, eval_pairs = sample_pairs(sft_dir, corpus.pair_prompts, judge, cfg)
+    pairs_train = _write_jsonl(out / "data" / "pairs_train.jsonl", train_pairs)
+    pairs_eval = _write_jsonl(out / "data" / "pairs_eval.jsonl", eval_pairs)
+
+    policies = [Policy("sft", None, sft_dir)]
+    for beta in cfg.dpo.betas:
+        run_dir = out / f"dpo-beta{beta:g}"
+        metrics = run_dpo(_dpo_config(cfg, sft_dir, pairs_train, pairs_eval, beta, run_dir))
+        policies.append(Policy("dpo", beta, run_dir, metrics.get("eval/rewards/accuracies")))
+    preferred = _write_jsonl(
+        out / "data" / "preferred.jsonl",
+        [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs],
+    )
+    preferred_dir = out / "preferred-ft"
+    run_sft(
+        _sft_config(
+            cfg,
+            str(sft_dir),
+            preferred,
+            preferred_dir,
+            cfg.dpo.steps,
+            cfg.dpo.preferred_ft_learning_rate,
+            cfg.dpo.batch_size,
+        )
+    )
+    policies.append(Policy("preferred-ft", None, preferred_dir))
+
+    rows = evaluate_policies(policies, sft_dir, corpus.eval_prompts, judge, cfg)
+    write_report(out, rows, policies)
+    return rows
+
+
+def load_corpus(cfg: DemoConfig) -> Corpus:
+    """SFT reviews, and prompts taken from reviews held out from SFT."""
+    c = cfg.corpus
+    wanted = c.size + cfg.pairs.prompts + cfg.eval.prompts
+    if c.source == "builtin":
+        reviews = generate_reviews(wanted, seed=cfg.seed)
+        opening = lambda text: split_opening(text)[0]  # noqa: E731
+    else:
+        rows = read_rows(c.source, "train")
+        texts = [str(row.get(c.text_column, "")) for _, row in rows]
+        reviews = [" ".join(text.split()) for text in texts if text.strip()]
+        random.Random(cfg.seed).shuffle(reviews)
+        reviews = reviews[:wanted]
+        opening = lambda text: " ".join(text.split()[: c.prompt_words])  # noqa: E731
+    held_out = reviews[c.size :]
+    return Corpus(
+        reviews=reviews[: c.size],
+        pair_prompts=[opening(r) for r in held_out[: cfg.pairs.prompts]],
+        eval_prompts=[opening(r) for r in held_out[cfg.pairs.prompts :]],
+    )
+
+
+def prepare_base_model(cfg: DemoConfig, reviews: list[str], directory: Path) -> str:
+    """The starting model; for ``tiny``, a fresh one with a tokenizer learned from the corpus."""
+    m = cfg.model
+    if m.path != "tiny":
+        return m.path
+    tokenizer = build_tokenizer(reviews)
+    model = build_model(
+        tokenizer, cfg.seed, m.hidden_size, m.num_layers, m.num_heads, 2 * MAX_LENGTH
+    )
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+def _sft_config(cfg, model, data, output_dir, steps, learning_rate, batch_size) -> SFTConfig:
+    return SFTConfig(
+        seed=cfg.seed,
+        output_dir=str(output_dir),
+        model=ModelConfig(path=str(model), dtype=cfg.model.dtype),
+        data=DataConfig(train=str(data), max_length=MAX_LENGTH, max_prompt_length=None),
+        train=_train_config(steps, batch_size, learning_rate),
+    )
+
+
+def _dpo_config(cfg, model, train, evaluation, beta, output_dir) -> DPOConfig:
+    return DPOConfig(
+        seed=cfg.seed,
+        output_dir=str(output_dir),
+        model=ModelConfig(path=str(model), dtype=cfg.model.dtype),
+        data=DataConfig(
+            train=str(train), eval=str(evaluation), max_length=MAX_LENGTH, max_prompt_length=None
+        ),
+        train=_train_config(cfg.dpo.steps, cfg.dpo.batch_size, cfg.dpo.learning_rate),
+        loss=LossConfig(beta=beta),
+    )
+
+
+def _train_config(steps: int, batch_size: int, learning_rate: float) -> TrainConfig:
+    return TrainConfig(
+        max_steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=min(20, steps // 10),
+        lr_scheduler="cosine",
+        log_every=max(1, steps // 30),
+        eval_every=max(1, steps // 5),
+        save_every=0,
+        keep_checkpoints=1,
+    )
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -1,0 +1,69 @@
+"""Keys of ``preftune demo``: every stage's size is a key, so the same command scales up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from preftune.fields import option
+
+
+@dataclass
+class CorpusConfig:
+    source: str = option(
+        "builtin", "`builtin` (generated reviews) or a dataset with a text column, e.g. imdb"
+    )
+    size: int = option(4000, "reviews used for SFT")
+    text_column: str = option("text", "column holding the review text (datasets only)")
+    prompt_words: int = option(4, "words of a held-out review that make a prompt (datasets only)")
+
+
+@dataclass
+class DemoModelConfig:
+    path: str = option("tiny", "`tiny` (tokenizer learned from the corpus), a model dir or hub id")
+    hidden_size: int = option(128, "tiny only: hidden size")
+    num_layers: int = option(4, "tiny only: layers")
+    num_heads: int = option(4, "tiny only: attention heads")
+    dtype: str = option("auto", "compute dtype", ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class StageSFTConfig:
+    steps: int = option(300, "SFT optimizer steps on the corpus")
+    batch_size: int = option(32, "reviews per SFT step")
+    learning_rate: float = option(3e-3, "SFT peak learning rate")
+
+
+@dataclass
+class PairsConfig:
+    prompts: int = option(512, "prompts sampled to build preference pairs")
+    samples_per_prompt: int = option(4, "completions per prompt; the best and worst make a pair")
+    eval_fraction: float = option(0.1, "share of pairs held out to measure reward accuracy")
+    max_new_tokens: int = option(48, "longest completion sampled, in tokens (also for eval)")
+    temperature: float = option(1.0, "sampling temperature (also for eval)")
+
+
+@dataclass
+class StageDPOConfig:
+    betas: list[float] = option([0.05, 0.1, 0.2, 0.5], "β of each DPO policy trained")
+    steps: int = option(150, "optimizer steps of each DPO and Preferred-FT run")
+    batch_size: int = option(32, "pairs per step")
+    learning_rate: float = option(2e-4, "DPO peak learning rate")
+    preferred_ft_learning_rate: float = option(2e-4, "Preferred-FT peak learning rate")
+
+
+@dataclass
+class EvalConfig:
+    prompts: int = option(256, "held-out prompts each policy is sampled on")
+    samples_per_prompt: int = option(2, "completions per prompt")
+
+
+@dataclass
+class DemoConfig:
+    seed: int = option(42, "seed for the corpus, models, sampling and data order")
+    output_dir: str = option("runs/demo", "where every stage, results.json and plots go")
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: DemoModelConfig = field(default_factory=DemoModelConfig)
+    sft: StageSFTConfig = field(default_factory=StageSFTConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    dpo: StageDPOConfig = field(default_factory=StageDPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
