@@ -19,7 +19,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/preftune dpo --config examples/tiny_dpo.yaml
+	$(BIN)/preftune demo
 
 test: install
 	$(BIN)/ruff check preftune tests bench

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.demo.settings import DemoConfig
-from preftune.models.generate import Completion, completion_logps, sample
+from preftune.models.generate import completion_logps, sample
 
 Judge = Callable[[list[str]], list[float]]
 
@@ -27,33 +27,54 @@ class Policy:
 
 def sample_pairs(
     sft_dir: Path, prompts: list[str], judge: Judge, cfg: DemoConfig
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Best and worst of each prompt's samples as chosen and rejected; ties are skipped."""
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+    """Preference pairs from the SFT policy's samples, as in the DPO paper's sentiment task.
+
+    Each prompt's completions are scored; every two with different rewards make a pair, the
+    higher chosen. Returns train pairs, held-out pairs (from prompts not in train) and, for
+    Preferred-FT, each train prompt's best completion.
+    """
     model, tokenizer = _load(sft_dir)
     k = cfg.pairs.samples_per_prompt
     completions = _sample(model, tokenizer, prompts, k, cfg, seed=cfg.seed + 1, desc="pairs")
     rewards = judge([c.prompt + c.text for c in completions])
-    pairs, ties, empty = [], 0, 0
+    groups, empty = [], 0
     for start in range(0, len(completions), k):
-        group = [
-            (reward, c)
-            for c, reward in zip(
-                completions[start : start + k], rewards[start : start + k], strict=True
-            )
-            if c.text.strip()
-        ]
+        group = sorted(
+            (
+                (reward, c.text)
+                for c, reward in zip(
+                    completions[start : start + k], rewards[start : start + k], strict=True
+                )
+                if c.text.strip()
+            ),
+            reverse=True,
+        )
         empty += k - len(group)
-        if len(group) < 2 or max(group, key=_reward)[0] == min(group, key=_reward)[0]:
-            ties += 1
-            continue
-        best, worst = max(group, key=_reward)[1], min(group, key=_reward)[1]
-        pairs.append({"prompt": best.prompt, "chosen": best.text, "rejected": worst.text})
+        groups.append((completions[start].prompt, group))
+    held = round(len(groups) * cfg.pairs.eval_fraction)
+    train_groups, eval_groups = groups[: len(groups) - held], groups[len(groups) - held :]
+    train, evaluation = _all_pairs(train_groups), _all_pairs(eval_groups)
+    best = [
+        {"prompt": prompt, "completion": group[0][1]}
+        for prompt, group in train_groups
+        if len(group) > 1 and group[0][0] > group[-1][0]
+    ]
     print(
-        f"pairs: {len(pairs)} from {len(prompts)} prompts x {k} samples "
-        f"({ties} prompts skipped: all samples scored the same; {empty} empty samples ignored)"
+        f"pairs: {len(train)} train and {len(evaluation)} held-out pairs from {len(prompts)} "
+        f"prompts x {k} samples ({empty} empty samples ignored; equal rewards make no pair)"
     )
-    held = max(1, round(len(pairs) * cfg.pairs.eval_fraction))
-    return pairs[:-held], pairs[-held:]
+    return train, evaluation, best
+
+
+def _all_pairs(groups: list[tuple[str, list[tuple[float, str]]]]) -> list[dict[str, str]]:
+    pairs = []
+    for prompt, group in groups:
+        for i, (high, chosen) in enumerate(group):
+            for low, rejected in group[i + 1 :]:
+                if high > low and chosen != rejected:
+                    pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
 
 
 def evaluate_policies(
@@ -99,10 +120,6 @@ def evaluate_policies(
 
 def _label(policy: Policy) -> str:
     return policy.method if policy.beta is None else f"{policy.method} β={policy.beta:g}"
-
-
-def _reward(item: tuple[float, Completion]) -> float:
-    return item[0]
 
 
 def _load(directory: Path):

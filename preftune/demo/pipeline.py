@@ -55,7 +55,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         )
     )
 
-    train_pairs, eval_pairs = sample_pairs(sft_dir, corpus.pair_prompts, judge, cfg)
+    train_pairs, eval_pairs, best = sample_pairs(sft_dir, corpus.pair_prompts, judge, cfg)
     pairs_train = _write_jsonl(out / "data" / "pairs_train.jsonl", train_pairs)
     pairs_eval = _write_jsonl(out / "data" / "pairs_eval.jsonl", eval_pairs)
 
@@ -64,10 +64,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         run_dir = out / f"dpo-beta{beta:g}"
         metrics = run_dpo(_dpo_config(cfg, sft_dir, pairs_train, pairs_eval, beta, run_dir))
         policies.append(Policy("dpo", beta, run_dir, metrics.get("eval/rewards/accuracies")))
-    preferred = _write_jsonl(
-        out / "data" / "preferred.jsonl",
-        [{"prompt": p["prompt"], "completion": p["chosen"]} for p in train_pairs],
-    )
+    preferred = _write_jsonl(out / "data" / "preferred.jsonl", best)
     preferred_dir = out / "preferred-ft"
     run_sft(
         _sft_config(

@@ -36,15 +36,15 @@ class StageSFTConfig:
 @dataclass
 class PairsConfig:
     prompts: int = option(512, "prompts sampled to build preference pairs")
-    samples_per_prompt: int = option(4, "completions per prompt; the best and worst make a pair")
-    eval_fraction: float = option(0.1, "share of pairs held out to measure reward accuracy")
+    samples_per_prompt: int = option(4, "completions per prompt; any two with unequal rewards pair")
+    eval_fraction: float = option(0.1, "share of prompts whose pairs are held out for accuracy")
     max_new_tokens: int = option(48, "longest completion sampled, in tokens (also for eval)")
     temperature: float = option(1.0, "sampling temperature (also for eval)")
 
 
 @dataclass
 class StageDPOConfig:
-    betas: list[float] = option([0.05, 0.1, 0.2, 0.5], "β of each DPO policy trained")
+    betas: list[float] = option([0.5, 1.0, 2.0, 3.0, 5.0], "β of each DPO policy trained")
     steps: int = option(150, "optimizer steps of each DPO and Preferred-FT run")
     batch_size: int = option(32, "pairs per step")
     learning_rate: float = option(2e-4, "DPO peak learning rate")
@@ -53,7 +53,7 @@ class StageDPOConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: int = option(256, "held-out prompts each policy is sampled on")
+    prompts: int = option(512, "held-out prompts each policy is sampled on")
     samples_per_prompt: int = option(2, "completions per prompt")
 
 
