@@ -23,12 +23,15 @@ from preftune.demo.evaluate import Policy, evaluate_policies, sample_pairs
 from preftune.demo.judge import sentiment_judge
 from preftune.demo.report import write_report
 from preftune.demo.settings import DemoConfig
+from preftune.errors import ConfigError
 from preftune.models.settings import ModelConfig
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.settings import LossConfig
 from preftune.train.settings import TrainConfig
 
 MAX_LENGTH = 128
+# Big enough to write fluent reviews after a few hundred steps on two CPU cores.
+TINY_SIZES = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
 
 
 @dataclass
@@ -109,12 +112,15 @@ def load_corpus(cfg: DemoConfig) -> Corpus:
 def prepare_base_model(cfg: DemoConfig, reviews: list[str], directory: Path) -> str:
     """The starting model; for ``tiny``, a fresh one with a tokenizer learned from the corpus."""
     m = cfg.model
+    sizes = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads}
     if m.path != "tiny":
+        for key, value in sizes.items():
+            if value is not None:
+                raise ConfigError(f"model.{key} sizes only the tiny preset; model.path is {m.path}")
         return m.path
     tokenizer = build_tokenizer(reviews)
-    model = build_model(
-        tokenizer, cfg.seed, m.hidden_size, m.num_layers, m.num_heads, 2 * MAX_LENGTH
-    )
+    sizes = {key: value or TINY_SIZES[key] for key, value in sizes.items()}
+    model = build_model(tokenizer, cfg.seed, max_positions=2 * MAX_LENGTH, **sizes)
     tokenizer.save_pretrained(directory)
     model.save_pretrained(directory)
     return str(directory)

@@ -20,9 +20,9 @@ class CorpusConfig:
 @dataclass
 class DemoModelConfig:
     path: str = option("tiny", "`tiny` (tokenizer learned from the corpus), a model dir or hub id")
-    hidden_size: int = option(128, "tiny only: hidden size")
-    num_layers: int = option(4, "tiny only: layers")
-    num_heads: int = option(4, "tiny only: attention heads")
+    hidden_size: int | None = option(None, "tiny only: hidden size (null: 128)")
+    num_layers: int | None = option(None, "tiny only: layers (null: 4)")
+    num_heads: int | None = option(None, "tiny only: attention heads (null: 4)")
     dtype: str = option("auto", "compute dtype", ("auto", "float32", "bfloat16", "float16"))
 
 
