@@ -59,7 +59,9 @@ def plot_frontier(plt, rows: list[dict[str, Any]], path: Path) -> None:
                 label(row),
                 (row["kl"], row["reward"]),
                 textcoords="offset points",
-                xytext=(6, -10),
+                # DPO labels left of their points, the baselines' right, so none collide.
+                xytext=(-7, 3) if method == "dpo" else (7, -3),
+                ha="right" if method == "dpo" else "left",
                 fontsize=8,
             )
     axes.set_xlabel("KL(π ‖ π_SFT), nats per sample")
