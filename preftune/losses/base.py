@@ -10,10 +10,17 @@ import torch
 
 @dataclass(frozen=True)
 class PairLogps:
-    """Sequence log-probabilities of the chosen and rejected responses, each of shape (batch,)."""
+    """Sequence log-probabilities of the chosen and rejected responses, each of shape (batch,).
+
+    ``chosen_tokens`` / ``rejected_tokens``: how many response tokens each log-probability is
+    taken over (float, shape (batch,)), for losses that normalise by length; the trainer always
+    passes them.
+    """
 
     chosen: torch.Tensor
     rejected: torch.Tensor
+    chosen_tokens: torch.Tensor | None = None
+    rejected_tokens: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

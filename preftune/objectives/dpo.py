@@ -63,7 +63,8 @@ class PairedObjective:
         return losses.sum(), metrics
 
     def _pair(self, logps: torch.Tensor, counts: torch.Tensor) -> PairLogps:
+        counts = counts.to(logps.dtype)
         if self.spec.average_logps:
             logps = logps / counts.clamp(min=1)
         half = logps.shape[0] // 2
-        return PairLogps(chosen=logps[:half], rejected=logps[half:])
+        return PairLogps(logps[:half], logps[half:], counts[:half], counts[half:])
