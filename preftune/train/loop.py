@@ -166,7 +166,7 @@ def _optimizer_step(
                 loss_sum, metrics = objective.compute(model, batch)
             acc.backward(loss_sum * scale)
         _accumulate(sums, metrics)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += real_tokens(batch)
     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -196,6 +196,13 @@ def evaluate(
         _accumulate(sums, metrics)
     model.train()
     return _reduce(sums, acc)
+
+
+def real_tokens(batch: Batch) -> int:
+    """Non-pad tokens the model reads: ``num_tokens`` when a layout counts them itself."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"].sum())
+    return int(batch["attention_mask"].sum())
 
 
 def _accumulate(sums: Metrics, metrics: Metrics) -> None:
