@@ -17,11 +17,13 @@ from preftune.data.formats import load_demos, load_pairs
 from preftune.errors import ConfigError
 from preftune.losses import PAIRED_LOSSES
 from preftune.models.load import ModelSpec, load_model, load_tokenizer, resolve_dtype
-from preftune.models.reference import FrozenCopy
+from preftune.models.lora import apply_lora, is_lora, save_merged
+from preftune.models.refcache import ReferencePass, cache_key, cache_root, model_digest
+from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.objectives.dpo import PairedObjective
 from preftune.objectives.sft import SFTObjective
 from preftune.train.card import write_model_card
-from preftune.train.loop import Run, train
+from preftune.train.loop import Run, micro_batch_size, train
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -37,10 +39,45 @@ def run_dpo(cfg: DPOConfig) -> dict[str, float]:
     train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_pairs, encode_pairs)
     eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_pairs, encode_pairs)
     model = load_model(_model_spec(cfg), tokenizer)
+    objective = PairedObjective(cfg.loss, None, tokenizer.pad_token_id, cfg.speed)
     needs_reference = spec.needs_reference and not cfg.loss.reference_free
-    reference = FrozenCopy(model, acc.device) if needs_reference else None
-    objective = PairedObjective(cfg.loss, reference, tokenizer.pad_token_id)
+    cached = needs_reference and cfg.speed.reference_cache
+    base_hash = model_digest(model) if cached else ""
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora)
+    if cached:
+        # Before the first update the policy is the reference: score the data with it once.
+        model.to(acc.device)
+        micro = micro_batch_size(cfg.train, acc.num_processes)
+        batch_size = cfg.speed.reference_batch_size or 2 * micro
+        root = cache_root(cfg.speed.cache_dir)
+        dtype = resolve_dtype(cfg.model.dtype, acc.device)
+        score = _reference_score(model, objective.score)
+        reference = ReferencePass(model, score, objective.collate, batch_size, acc)
+        sets = []
+        for label, examples in (("train", train_set), ("eval", eval_set)):
+            if examples is not None:
+                path = root / f"{cache_key(base_hash, examples, dtype)}.safetensors"
+                examples = reference.attach(examples, path, label)
+            sets.append(examples)
+        train_set, eval_set = sets
+    elif needs_reference and is_lora(model):
+        objective.reference = AdapterDisabled(model, objective.score)
+    elif needs_reference:
+        objective.reference = FrozenCopy(model, acc.device, objective.score)
     return _train_and_save(cfg, "dpo", acc, model, tokenizer, objective, train_set, eval_set)
+
+
+def _reference_score(model, score):
+    """The reference's scoring: the policy itself, with its adapters switched off if any."""
+    if not is_lora(model):
+        return score
+
+    def base_score(module, batch):
+        with model.disable_adapter():
+            return score(module, batch)
+
+    return base_score
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
@@ -66,7 +103,13 @@ def _model_spec(cfg: SFTConfig) -> ModelSpec:
     m = cfg.model
     sizes = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads}
     return ModelSpec(
-        m.path, m.trust_remote_code, m.disable_dropout, m.gradient_checkpointing, cfg.seed, sizes
+        m.path,
+        m.trust_remote_code,
+        m.disable_dropout,
+        m.gradient_checkpointing,
+        cfg.seed,
+        sizes,
+        m.attn_implementation,
     )
 
 
@@ -99,6 +142,8 @@ def _train_and_save(cfg, command, acc, model, tokenizer, objective, train_set, e
     run = Run(acc, model, objective, train_set, eval_set, cfg.train, output_dir, cfg.seed, flat)
     metrics = train(run)
     if acc.is_main_process:
+        if is_lora(model):
+            model = save_merged(model, output_dir)
         model.save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
         write_model_card(output_dir, command, cfg.model.path, config, metrics)

@@ -19,8 +19,9 @@ import yaml
 from preftune.data.settings import DataConfig
 from preftune.errors import ConfigError
 from preftune.fields import option
-from preftune.models.settings import ModelConfig
+from preftune.models.settings import LoraSettings, ModelConfig
 from preftune.objectives.settings import LossConfig
+from preftune.objectives.speed import SpeedConfig
 from preftune.train.settings import TrainConfig
 
 
@@ -36,6 +37,8 @@ class SFTConfig:
 @dataclass
 class DPOConfig(SFTConfig):
     loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
 # A section given as a plain value sets this key, e.g. ``model: tiny`` is ``model.path: tiny``.

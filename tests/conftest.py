@@ -14,6 +14,12 @@ SAMPLE_EVAL = ROOT / "examples" / "data" / "sums_eval.jsonl"
 SAMPLE_SFT = ROOT / "examples" / "data" / "sums_sft.jsonl"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_reference_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Reference log-probs cached by the tests stay in a temporary directory of the session."""
+    os.environ["PREFTUNE_CACHE"] = str(tmp_path_factory.mktemp("preftune-cache"))
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

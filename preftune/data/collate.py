@@ -23,7 +23,16 @@ def collate_pairs(examples: Sequence[EncodedPair], pad_id: int) -> dict[str, tor
     """
     chosen = [(example.prompt_ids, example.chosen_ids) for example in examples]
     rejected = [(example.prompt_ids, example.rejected_ids) for example in examples]
-    return _pad([*chosen, *rejected], pad_id)
+    return _pad([*chosen, *rejected], pad_id) | reference_logps(examples)
+
+
+def reference_logps(examples: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
+    """``{"reference_logps": (2B,)}``, chosen then rejected, when every pair carries them."""
+    if not examples or any(example.reference_logps is None for example in examples):
+        return {}
+    chosen = [example.reference_logps[0] for example in examples]
+    rejected = [example.reference_logps[1] for example in examples]
+    return {"reference_logps": torch.tensor([*chosen, *rejected], dtype=torch.float32)}
 
 
 def collate_demos(examples: Sequence[EncodedDemo], pad_id: int) -> dict[str, torch.Tensor]:

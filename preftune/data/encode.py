@@ -25,6 +25,8 @@ class EncodedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    # Summed reference log-probs of (chosen, rejected), once they have been computed.
+    reference_logps: tuple[float, float] | None = None
 
 
 @dataclass

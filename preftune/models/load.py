@@ -25,6 +25,7 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     seed: int = 0
     tiny_sizes: dict[str, int | None] | None = None
+    attn_implementation: str | None = None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -60,6 +61,8 @@ def load_model(spec: ModelSpec, tokenizer) -> PreTrainedModel:
     sizes = {k: v for k, v in (spec.tiny_sizes or {}).items() if v is not None}
     if spec.path == TINY:
         model = build_model(tokenizer, seed=spec.seed, **{**TINY_DEFAULTS, **sizes})
+        if spec.attn_implementation is not None:
+            model.set_attn_implementation(spec.attn_implementation)
     else:
         if sizes:
             raise PreftuneError(
@@ -68,14 +71,19 @@ def load_model(spec: ModelSpec, tokenizer) -> PreTrainedModel:
         _check_local_path(spec.path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                spec.path, dtype=torch.float32, trust_remote_code=spec.trust_remote_code
+                spec.path,
+                dtype=torch.float32,
+                trust_remote_code=spec.trust_remote_code,
+                attn_implementation=spec.attn_implementation,
             )
         except (OSError, ValueError) as error:
             raise PreftuneError(f"cannot load model '{spec.path}': {_first_line(error)}") from None
     if spec.disable_dropout:
         disable_dropout(model)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        enable = enable or model.gradient_checkpointing_enable  # transformers < 5
+        enable({"use_reentrant": False})
     model.train()
     return model
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from preftune.models.attention import inner_model, layout_mask
 
 IGNORE = -100
 
@@ -29,3 +32,102 @@ def sequence_logps(
     ).view_as(labels)
     scored = labels != IGNORE
     return (token_logps * scored).sum(-1), scored.sum(-1)
+
+
+def layout_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts per sequence of a batch from ``layout_pairs``.
+
+    The decoder runs once over the laid-out rows; the output layer then runs only on the
+    positions that predict a response token. ``chunk_rows`` > 0 takes those positions that many
+    at a time and recomputes each chunk's logits in the backward pass, so no
+    (tokens × vocabulary) tensor larger than one chunk ever exists; 0 applies the output layer
+    to every position of every row at once, as a plain forward does.
+    """
+    mask = layout_mask(model, batch["doc_ids"], batch["branch"])
+    with FinalHidden(model) as final:
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        )
+    head = OutputLayer(model)
+    index, target = batch["score_index"], batch["score_target"]
+    if chunk_rows > 0:
+        hidden = final.hidden.flatten(0, 1).index_select(0, index)
+        token_logps = (
+            torch.cat(
+                [
+                    _checkpointed(
+                        head, hidden[start : start + chunk_rows], target[start:][:chunk_rows]
+                    )
+                    for start in range(0, hidden.shape[0], chunk_rows)
+                ]
+            )
+            if hidden.shape[0]
+            else hidden.new_zeros(0, dtype=torch.float32)
+        )
+    else:
+        logits = head.logits(final.hidden).flatten(0, 1).index_select(0, index)
+        token_logps = -F.cross_entropy(logits, target, reduction="none")
+    sequences = int(batch["num_sequences"].sum())
+    seq = batch["score_seq"]
+    sums = torch.zeros(sequences, dtype=torch.float32, device=token_logps.device)
+    sums = sums.index_add(0, seq, token_logps.float())
+    return sums, torch.bincount(seq, minlength=sequences)
+
+
+def _checkpointed(head: OutputLayer, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return head.token_logps(hidden, target)
+    return checkpoint(head.token_logps, hidden, target, use_reentrant=False)
+
+
+class OutputLayer:
+    """The model's output layer and the logit transforms its forward applies after it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        inner = inner_model(model)
+        self.layer = inner.get_output_embeddings()
+        config = inner.config
+        self.scale = getattr(config, "logit_scale", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.layer(hidden).float()
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def token_logps(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(self.logits(hidden), target, reduction="none")
+
+
+class FinalHidden:
+    """Within the context, the output layer records its input and computes nothing.
+
+    The model's forward is still called as a whole (through any distributed wrapper, so gradient
+    synchronisation stays in place); only the full-vocabulary projection of every position is
+    skipped, leaving the caller to project just the positions it scores.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.layer = inner_model(model).get_output_embeddings()
+        self.hidden: torch.Tensor | None = None
+
+    def __enter__(self) -> FinalHidden:
+        self.handle = self.layer.register_forward_pre_hook(self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+        if self.hidden is None and exc[0] is None:
+            raise RuntimeError("the model's forward never reached its output layer")
+
+    def _record(self, module: torch.nn.Module, args: tuple) -> tuple:
+        self.hidden = args[0]
+        return (args[0][..., :0, :], *args[1:])

@@ -1,18 +1,23 @@
-"""Reference providers: where the reference policy's log-probabilities come from."""
+"""Reference providers: where the reference policy's log-probabilities come from when they are
+not precomputed (see :mod:`preftune.models.refcache`)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
 from preftune.models.logps import sequence_logps
 
+Batch = dict[str, torch.Tensor]
+Score = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
 
 class ReferenceProvider(Protocol):
-    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probabilities and token counts per row, as :func:`sequence_logps`."""
+    def logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probabilities and token counts per sequence, as :func:`sequence_logps`."""
         ...
 
 
@@ -23,9 +28,31 @@ class FrozenCopy:
     policy's source (tiny preset, local directory, hub id).
     """
 
-    def __init__(self, policy: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, policy: torch.nn.Module, device: torch.device, score: Score = sequence_logps
+    ) -> None:
         self.model = copy.deepcopy(policy).to(device).eval().requires_grad_(False)
+        self.score = score
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return sequence_logps(self.model, batch)
+    def logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score(self.model, batch)
+
+
+class AdapterDisabled:
+    """The base model under a LoRA policy: the same weights with the adapters switched off, so
+    no second copy of the model exists."""
+
+    def __init__(self, policy: torch.nn.Module, score: Score = sequence_logps) -> None:
+        self.model = policy
+        self.score = score
+
+    @torch.no_grad()
+    def logps(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return self.score(self.model, batch)
+        finally:
+            self.model.train(was_training)

@@ -18,6 +18,19 @@ class ModelConfig:
     trust_remote_code: bool = option(False, "allow model code shipped with a hub model to run")
     disable_dropout: bool = option(True, "set dropout to zero in policy and reference")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    attn_implementation: str | None = option(
+        None, "attention kernel: sdpa, eager, flex_attention, ... (null: the model's default)"
+    )
     hidden_size: int | None = option(None, "tiny preset only: hidden size (null: 64)")
     num_layers: int | None = option(None, "tiny preset only: number of layers (null: 2)")
     num_heads: int | None = option(None, "tiny preset only: attention heads (null: 4)")
+
+
+@dataclass
+class LoraSettings:
+    r: int = option(0, "LoRA rank (0: train every weight); the reference is the base model")
+    alpha: float = option(16.0, "LoRA scaling numerator: updates are scaled by alpha / r")
+    dropout: float = option(0.0, "dropout on the LoRA input")
+    target_modules: str | list[str] = option(
+        "all-linear", "modules that get adapters: all-linear or a list of module names"
+    )

@@ -2,44 +2,68 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from preftune.data.collate import collate_pairs
 from preftune.data.encode import EncodedPair
+from preftune.data.layout import layout_pairs
 from preftune.losses import PAIRED_LOSSES, LossParams, PairLogps
-from preftune.models.logps import sequence_logps
+from preftune.models.logps import layout_logps, sequence_logps
 from preftune.models.reference import ReferenceProvider
 from preftune.objectives.base import Batch, Metrics, mean_metric
 from preftune.objectives.settings import LossConfig
+from preftune.objectives.speed import SpeedConfig
 
 
 class PairedObjective:
     """Scores a batch of pairs with the policy (and the reference when the loss needs one).
 
-    The collated batch stacks the chosen rows first and the rejected rows after them, so one
-    forward pass scores both.
+    One forward pass scores chosen and rejected. With ``speed`` settings, pairs are laid out by
+    :func:`layout_pairs` (prefix sharing, packing) and scored through the chunked output layer;
+    without, each pair is two right-padded rows scored from the model's full logits (the plain
+    computation every lever is tested against). Reference log-probs come from the batch when
+    they were precomputed, else from ``reference``.
     """
 
     name = "dpo"
 
-    def __init__(self, loss: LossConfig, reference: ReferenceProvider | None, pad_id: int) -> None:
+    def __init__(
+        self,
+        loss: LossConfig,
+        reference: ReferenceProvider | None,
+        pad_id: int,
+        speed: SpeedConfig | None = None,
+    ) -> None:
         self.spec = PAIRED_LOSSES[loss.type]
         self.params = LossParams(beta=loss.beta, label_smoothing=loss.label_smoothing)
         self.sft_weight = loss.sft_weight
         self.reference = reference
         self.pad_id = pad_id
+        self.speed = speed
+        self.score = sequence_logps
+        if speed is not None:
+            self.score = partial(layout_logps, chunk_rows=speed.logits_chunk)
 
     def collate(self, examples: list[EncodedPair]) -> Batch:
-        return collate_pairs(examples, self.pad_id)
+        if self.speed is None:
+            return collate_pairs(examples, self.pad_id)
+        s = self.speed
+        return layout_pairs(examples, self.pad_id, s.prefix_sharing, s.packing, s.pack_length)
 
     def weight(self, batch: Batch) -> int:
+        if "num_sequences" in batch:
+            return int(batch["num_sequences"].sum()) // 2
         return batch["input_ids"].shape[0] // 2
 
     def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
-        logps, counts = sequence_logps(model, batch)
+        logps, counts = self.score(model, batch)
         policy = self._pair(logps, counts)
         reference = None
-        if self.reference is not None:
+        if self.spec.needs_reference and "reference_logps" in batch:
+            reference = self._pair(batch["reference_logps"], counts)
+        elif self.reference is not None:
             reference_logps, _ = self.reference.logps(batch)
             reference = self._pair(reference_logps, counts)
         out = self.spec.fn(policy, reference, self.params)

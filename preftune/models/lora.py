@@ -1,0 +1,34 @@
+"""LoRA adapters (peft) on a policy, and saving the result as a plain model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from preftune.models.settings import LoraSettings
+
+
+def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
+    """``model`` wrapped with trainable LoRA adapters; every base weight is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
+
+
+def save_merged(model: torch.nn.Module, output_dir: Path) -> torch.nn.Module:
+    """Write the adapters to ``output_dir/adapter`` and return the model with them merged into
+    its weights, to be saved as an ordinary model directory."""
+    model.save_pretrained(output_dir / "adapter")
+    return model.merge_and_unload()

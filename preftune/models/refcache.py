@@ -1,0 +1,123 @@
+"""Reference log-probabilities computed once, before training, and cached on disk.
+
+Before the first update the policy is the reference, so one pass of the policy without gradient
+over the data gives every reference log-probability; no second model is ever built. The values
+are stored under a key that hashes everything they depend on: the weights and architecture, the
+token ids of every pair (so the tokenizer, the data and the truncation settings) and the compute
+dtype. A later run or epoch with the same key reads them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from preftune.data.encode import EncodedPair
+from preftune.models.attention import inner_model
+
+# Bump when the way log-probabilities are computed changes, so old caches are not reused.
+FORMAT = 1
+
+Score = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+Collate = Callable[[list[EncodedPair]], dict[str, torch.Tensor]]
+
+
+def cache_root(configured: str | None) -> Path:
+    """``speed.cache_dir``, else ``$PREFTUNE_CACHE``, else ``~/.cache/preftune``."""
+    root = configured or os.environ.get("PREFTUNE_CACHE") or "~/.cache/preftune"
+    return Path(root).expanduser() / "reference-logps"
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's architecture and every weight, bit for bit."""
+    model = inner_model(model)
+    digest = hashlib.blake2b(digest_size=16)
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        config.pop(key, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_digest(examples: Sequence[EncodedPair]) -> str:
+    """A hash of the token ids of every pair, in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for pair in examples:
+        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+            digest.update(b"|")
+    return digest.hexdigest()
+
+
+def cache_key(model_hash: str, examples: Sequence[EncodedPair], dtype: torch.dtype) -> str:
+    text = f"{FORMAT}:{model_hash}:{data_digest(examples)}:{dtype}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+@dataclass
+class ReferencePass:
+    """How to score pairs with the reference: the policy before any update, its scoring
+    function and batch layout, the pairs per forward, and the processes sharing the work."""
+
+    model: torch.nn.Module
+    score: Score
+    collate: Collate
+    batch_size: int
+    acc: Accelerator
+
+    def attach(self, examples: Sequence[EncodedPair], path: Path, label: str) -> list[EncodedPair]:
+        """``examples`` carrying their reference log-probabilities, read from ``path`` when it
+        exists, else computed and written there."""
+        acc = self.acc
+        if path.exists():
+            values = load_file(path)["logps"]
+            acc.print(f"{label}: reference log-probs from the cache ({path})")
+        else:
+            values = self.compute(examples, label)
+            if acc.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(f".{os.getpid()}.partial")
+                save_file({"logps": values.cpu().contiguous()}, partial)
+                os.replace(partial, path)
+            acc.wait_for_everyone()
+        if values.shape != (len(examples), 2):
+            raise RuntimeError(f"{path} holds {tuple(values.shape)} values, not {len(examples)}")
+        return [
+            replace(pair, reference_logps=(float(c), float(r)))
+            for pair, (c, r) in zip(examples, values.tolist(), strict=True)
+        ]
+
+    @torch.no_grad()
+    def compute(self, examples: Sequence[EncodedPair], label: str) -> torch.Tensor:
+        """(pairs, 2) summed reference log-probs of chosen and rejected; each process scores
+        every ``num_processes``-th pair and a sum over processes assembles the whole table."""
+        acc, model = self.acc, self.model
+        was_training = model.training
+        model.eval()
+        values = torch.zeros(len(examples), 2, dtype=torch.float32, device=acc.device)
+        mine = list(range(acc.process_index, len(examples), acc.num_processes))
+        size = self.batch_size
+        parts = [mine[start : start + size] for start in range(0, len(mine), size)]
+        bar = tqdm(parts, desc=f"reference log-probs ({label})", disable=not acc.is_main_process)
+        for part in bar:
+            batch = self.collate([examples[i] for i in part])
+            batch = {key: value.to(acc.device) for key, value in batch.items()}
+            with acc.autocast():
+                sums, _ = self.score(model, batch)
+            index = torch.tensor(part, device=acc.device)
+            values[index] = sums.float().view(2, len(part)).T
+        model.train(was_training)
+        return acc.reduce(values, "sum")
