@@ -253,12 +253,13 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, params: int
         f"{args.pairs} pairs, prompt ~{args.prompt_tokens} and responses ~{args.response_tokens}"
         f" tokens; batch {args.batch_size}; median of {args.rounds} rounds\n"
     )
-    print("| configuration | real tokens/s | run s | peak memory GiB | step-1 loss |")
-    print("|---|---|---|---|---|")
+    print("| configuration | real tokens/s | run s | peak memory GiB | step-1 loss | MFU |")
+    print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         print(
             f"| {name} | {row['tokens_per_second']:.0f} | {row['seconds']:.1f} | "
-            f"{row['peak_gib']:.2f} | {row['step1_loss']:.7f} |"
+            f"{row['peak_gib']:.2f} | {row['step1_loss']:.7f} | "
+            f"{mfu(row['tokens_per_second'], params, args.peak_tflops)} |"
         )
     trl = [name for name in rows if name.startswith("TRL")]
     best = max(trl, key=lambda name: rows[name]["tokens_per_second"])
@@ -280,6 +281,25 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, params: int
     print(f"\nspeedup={speedup:.2f} memory_ratio={memory:.2f} loss_delta={delta:.2e}")
 
 
+def profile(name: str, work: Path, args: argparse.Namespace) -> None:
+    """Where one configuration's time goes: the functions with the most cumulative time."""
+    import cProfile
+    import pstats
+
+    args.worker, args.work = name, str(work)
+    profiler = cProfile.Profile()
+    profiler.runcall(worker, args)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+
+
+def mfu(tokens_per_second: float, params: int, peak_tflops: float | None) -> str:
+    """Model FLOPs utilisation: 6 FLOPs per parameter per real token (forward and backward)
+    over the device's peak; a lower bound, as it leaves out attention and the reference pass."""
+    if not peak_tflops:
+        return "-"
+    return f"{6 * params * tokens_per_second / (peak_tflops * 1e12):.1%}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -292,7 +312,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float, help="device peak, for MFU (H100 bf16: 989)")
     parser.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    parser.add_argument("--profile", help="run one configuration once under cProfile instead")
     parser.add_argument("--preftune-override", action="append", default=[])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -306,6 +328,9 @@ def main() -> None:
             work / "pairs.jsonl", args.pairs, args.prompt_tokens, args.response_tokens, args.seed
         )
         params = make_model(work / "model", args)
+        if args.profile:
+            profile(args.profile, work, args)
+            return
         names = args.only or list(CONFIGS)
         results: dict[str, list[dict]] = {name: [] for name in names}
         for round_ in range(args.rounds):
