@@ -15,7 +15,7 @@ from preftune.config import DPOConfig, SFTConfig, flatten, to_dict
 from preftune.data.encode import TruncationReport, encode_demos, encode_pairs
 from preftune.data.formats import load_demos, load_pairs
 from preftune.errors import ConfigError
-from preftune.losses import PAIRED_LOSSES
+from preftune.losses import combined_loss
 from preftune.models.load import ModelSpec, load_model, load_tokenizer, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora, save_merged
 from preftune.models.refcache import ReferencePass, cache_key, cache_root, model_digest
@@ -29,11 +29,8 @@ MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def run_dpo(cfg: DPOConfig) -> dict[str, float]:
-    spec = PAIRED_LOSSES[cfg.loss.type]
-    if cfg.loss.label_smoothing and not spec.uses_label_smoothing:
-        raise ConfigError(f"loss.label_smoothing has no effect with loss.type={cfg.loss.type}")
-    if not 0 <= cfg.loss.label_smoothing < 0.5:
-        raise ConfigError("loss.label_smoothing must be in [0, 0.5)")
+    # LossConfig has checked the loss names, weights and label smoothing when it was built.
+    spec = combined_loss(cfg.loss.type, cfg.loss.weights)
     acc = _accelerator(cfg)
     tokenizer = load_tokenizer(_model_spec(cfg))
     train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_pairs, encode_pairs)

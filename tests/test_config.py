@@ -20,7 +20,7 @@ def test_override_wins_over_file(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("model: {path: tiny, dtype: float32}\nloss:\n  beta: 0.2\n  type: ipo\n")
     cfg = load_config(DPOConfig, str(path), ["loss.beta=0.3"])
-    assert (cfg.model.dtype, cfg.loss.type, cfg.loss.beta) == ("float32", "ipo", 0.3)
+    assert (cfg.model.dtype, cfg.loss.type, cfg.loss.beta) == ("float32", ["ipo"], 0.3)
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ import torch
 
 @dataclass(frozen=True)
 class PairLogps:
-    """Sequence log-probabilities of the chosen and rejected responses, each of shape (batch,).
+    """Summed sequence log-probabilities of the chosen and rejected responses, each (batch,).
 
     ``chosen_tokens`` / ``rejected_tokens``: how many response tokens each log-probability is
-    taken over (float, shape (batch,)), for losses that normalise by length; the trainer always
+    summed over (float, shape (batch,)), for losses that normalise by length; the trainer always
     passes them.
     """
 
@@ -21,6 +21,17 @@ class PairLogps:
     rejected: torch.Tensor
     chosen_tokens: torch.Tensor | None = None
     rejected_tokens: torch.Tensor | None = None
+
+    def per_token(self) -> PairLogps:
+        """Length-averaged log-probabilities: each sum divided by its token count (at least 1)."""
+        if self.chosen_tokens is None or self.rejected_tokens is None:
+            raise ValueError("length-normalised losses need chosen_tokens and rejected_tokens")
+        return PairLogps(
+            self.chosen / self.chosen_tokens.clamp(min=1),
+            self.rejected / self.rejected_tokens.clamp(min=1),
+            self.chosen_tokens,
+            self.rejected_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,8 @@ class LossParams:
 
     beta: float = 0.1
     label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
 
 
 LossFn = Callable[[PairLogps, "PairLogps | None", LossParams], LossOutput]
@@ -47,14 +60,15 @@ LossFn = Callable[[PairLogps, "PairLogps | None", LossParams], LossOutput]
 class PairedLoss:
     """A registered paired loss and what it needs from the caller.
 
-    ``needs_reference``: whether reference log-probabilities must be computed; ``average_logps``:
-    whether the log-probabilities passed in are length-averaged instead of summed;
-    ``uses_label_smoothing``: whether ``LossParams.label_smoothing`` means anything to it.
+    Log-probabilities always arrive summed, with their token counts; a loss that works on
+    length-averaged log-probabilities averages them itself (:meth:`PairLogps.per_token`), so
+    losses of either kind combine. ``needs_reference``: whether reference log-probabilities must
+    be computed; ``uses_label_smoothing``: whether ``LossParams.label_smoothing`` means anything
+    to it.
     """
 
     fn: LossFn
     needs_reference: bool = True
-    average_logps: bool = False
     uses_label_smoothing: bool = False
 
 
@@ -69,6 +83,17 @@ def paired_loss(name: str, **flags: bool) -> Callable[[LossFn], LossFn]:
         return fn
 
     return register
+
+
+def log_ratios(policy: PairLogps, reference: PairLogps | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each response's log π(y|x)/π_ref(y|x), chosen and rejected.
+
+    With no reference (reference-free), π_ref is taken to be uniform and its constant is
+    dropped: the ratios are the policy's own log-probabilities.
+    """
+    if reference is None:
+        return policy.chosen, policy.rejected
+    return policy.chosen - reference.chosen, policy.rejected - reference.rejected
 
 
 def preference_logits(policy: PairLogps, reference: PairLogps | None) -> torch.Tensor:
@@ -92,3 +117,15 @@ def implicit_rewards(
         chosen = chosen - reference.chosen.detach()
         rejected = rejected - reference.rejected.detach()
     return beta * chosen, beta * rejected
+
+
+def chosen_nll(policy: PairLogps) -> torch.Tensor:
+    """−log π(y_w|x) / |y_w|: the mean per-token negative log-likelihood of the chosen response."""
+    return -policy.per_token().chosen
+
+
+def length_normalised(
+    policy: PairLogps, reference: PairLogps | None
+) -> tuple[PairLogps, PairLogps | None]:
+    """Policy and reference log-probabilities, each averaged over its response's tokens."""
+    return policy.per_token(), None if reference is None else reference.per_token()

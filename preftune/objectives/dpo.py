@@ -9,7 +9,7 @@ import torch
 from preftune.data.collate import collate_pairs
 from preftune.data.encode import EncodedPair
 from preftune.data.layout import layout_pairs
-from preftune.losses import PAIRED_LOSSES, LossParams, PairLogps
+from preftune.losses import LossParams, PairLogps, combined_loss
 from preftune.models.logps import layout_logps, sequence_logps
 from preftune.models.reference import ReferenceProvider
 from preftune.objectives.base import Batch, Metrics, mean_metric
@@ -36,8 +36,10 @@ class PairedObjective:
         pad_id: int,
         speed: SpeedConfig | None = None,
     ) -> None:
-        self.spec = PAIRED_LOSSES[loss.type]
-        self.params = LossParams(beta=loss.beta, label_smoothing=loss.label_smoothing)
+        self.spec = combined_loss(loss.type, loss.weights)
+        self.params = LossParams(
+            loss.beta, loss.label_smoothing, loss.simpo_gamma, loss.discopop_tau
+        )
         self.sft_weight = loss.sft_weight
         self.reference = reference
         self.pad_id = pad_id
@@ -87,8 +89,7 @@ class PairedObjective:
         return losses.sum(), metrics
 
     def _pair(self, logps: torch.Tensor, counts: torch.Tensor) -> PairLogps:
+        # Summed log-probs with their token counts: a loss that wants averages takes them itself.
         counts = counts.to(logps.dtype)
-        if self.spec.average_logps:
-            logps = logps / counts.clamp(min=1)
         half = logps.shape[0] // 2
         return PairLogps(logps[:half], logps[half:], counts[:half], counts[half:])

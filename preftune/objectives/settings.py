@@ -1,17 +1,61 @@
-"""Loss keys (``loss.*``) of the paired objectives."""
+"""Loss keys (``loss.*``) of the paired objectives, checked when the config is built."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from preftune.errors import ConfigError
 from preftune.fields import option
-from preftune.losses import LOSS_NAMES
+from preftune.losses import LOSS_NAMES, PAIRED_LOSSES, closest_loss_name, combined_loss
 
 
 @dataclass
 class LossConfig:
-    type: str = option("sigmoid", "paired loss (see the README's loss table)", LOSS_NAMES)
-    beta: float = option(0.1, "β: strength of the KL constraint to the reference")
-    label_smoothing: float = option(0.0, "sigmoid only: assumed label-flip rate ε (cDPO)")
+    type: list[str] = option(
+        ["sigmoid"], f"paired loss, or a list of them to add up: {', '.join(LOSS_NAMES)}"
+    )
+    weights: list[float] = option([], "weight of each loss in loss.type ([]: 1 each)")
+    beta: float = option(
+        0.1, "β: strength of the KL constraint to the reference (orpo: weight λ of the odds ratio)"
+    )
+    label_smoothing: float = option(
+        0.0,
+        "assumed label-flip rate ε in [0, 0.5) for sigmoid (cDPO), robust, exo_pair (0: its 1e-3), "
+        "aot and aot_pair",
+    )
     reference_free: bool = option(False, "use a uniform reference (no reference model is built)")
-    sft_weight: float = option(0.0, "weight of the NLL of chosen responses added to the loss (RPO)")
+    sft_weight: float = option(
+        0.0, "weight of the NLL of chosen responses added to the loss (RPO; same as adding sft)"
+    )
+    simpo_gamma: float = option(0.5, "simpo: target reward margin γ (the paper's γ, not γ/β)")
+    discopop_tau: float = option(0.05, "discopop: temperature τ of the log-ratio modulation")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.type, str):
+            self.type = [self.type]
+        for name in self.type:
+            if name not in PAIRED_LOSSES:
+                close = closest_loss_name(name)
+                hint = f"; did you mean '{close}'?" if close else ""
+                raise ConfigError(
+                    f"config key 'loss.type': '{name}' is not one of {', '.join(LOSS_NAMES)}{hint}"
+                )
+        if self.weights and len(self.weights) != len(self.type):
+            raise ConfigError(
+                f"loss.weights needs one weight per loss in loss.type: {len(self.type)}, "
+                f"got {len(self.weights)}"
+            )
+        spec = combined_loss(self.type, self.weights)
+        named = self.type[0] if len(self.type) == 1 else f"[{', '.join(self.type)}]"
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("loss.label_smoothing must be in [0, 0.5)")
+        if self.label_smoothing and not spec.uses_label_smoothing:
+            raise ConfigError(f"loss.label_smoothing has no effect with loss.type={named}")
+        if self.reference_free and not spec.needs_reference:
+            raise ConfigError(
+                f"loss.reference_free has no effect with loss.type={named}, which uses no reference"
+            )
+        if self.beta <= 0:
+            raise ConfigError("loss.beta must be positive")
+        if self.discopop_tau <= 0:
+            raise ConfigError("loss.discopop_tau must be positive")
