@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 
@@ -16,10 +17,19 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "sft": (SFTConfig, "supervised fine-tuning on prompt/completion or messages rows"),
     "demo": (DemoConfig, "the DPO paper's controlled-sentiment experiment, offline, in minutes"),
 }
+DATA_CHECK = "read datasets exactly as training would: every bad row, token lengths, duplicates"
+DATA_CHECK_USAGE = """\
+Each PATH (default: data.train and data.eval) is read, validated and tokenized with the
+tokenizer of model.path and the data.* settings, as `preftune dpo`/`sft` would: the same
+--config file works. Prints a summary per dataset on stdout and one line per problem on stderr;
+exits 0 when no problem was found, 1 when some were, 2 on an error that stops the check.
+"""
+# ``key=value`` where the key is a dotted config name; anything else is a dataset path.
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
-def key_table(config_class: type) -> str:
-    rows = describe(config_class)
+def key_table(config_class: type, prefixes: tuple[str, ...] = ()) -> str:
+    rows = [row for row in describe(config_class) if row[0].startswith(prefixes or "")]
     width = max(len(key) for key, _, _ in rows)
     lines = [f"  {key:<{width}}  {help} (default: {default})" for key, default, help in rows]
     return "config keys (set in the YAML file or as key=value):\n" + "\n".join(lines)
@@ -41,7 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--config", metavar="FILE", help="YAML config file")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key")
+    _add_data_parser(commands)
     return parser
+
+
+def _add_data_parser(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="check a dataset", description="Dataset tools.")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check",
+        help=DATA_CHECK,
+        description=f"{DATA_CHECK}.\n\n{DATA_CHECK_USAGE}",
+        epilog=key_table(DPOConfig, ("model.", "data.")),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("--config", metavar="FILE", help="YAML config file (as for dpo or sft)")
+    check.add_argument(
+        "--kind",
+        choices=("auto", "pairs", "sft"),
+        default="auto",
+        help="read rows as preference pairs or SFT demonstrations (auto: from the first row)",
+    )
+    check.add_argument("items", nargs="*", metavar="PATH | key=value", help="dataset or override")
 
 
 def _runner(command: str) -> Callable:
@@ -54,11 +85,22 @@ def _runner(command: str) -> Callable:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config_class, _ = COMMANDS[args.command]
     try:
+        if args.command == "data":
+            return _data_check(args)
+        config_class, _ = COMMANDS[args.command]
         config = load_config(config_class, args.config, args.overrides)
         _runner(args.command)(config)
     except PreftuneError as error:
         print(f"preftune: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from preftune.commands import run_data_check
+
+    overrides = [item for item in args.items if _OVERRIDE.match(item)]
+    paths = [item for item in args.items if not _OVERRIDE.match(item)]
+    config = load_config(DPOConfig, args.config, overrides)
+    return run_data_check(config, paths, args.kind)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
 from preftune.config import DPOConfig, SFTConfig, flatten, to_dict
+from preftune.data.check import Budget, check_dataset, describe_skipped
 from preftune.data.encode import TruncationReport, encode_demos, encode_pairs
 from preftune.data.formats import load_demos, load_pairs
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, DataError
 from preftune.losses import combined_loss
 from preftune.models.load import ModelSpec, load_model, load_tokenizer, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora, save_merged
@@ -111,22 +113,60 @@ def _model_spec(cfg: SFTConfig) -> ModelSpec:
 
 
 def _encoded(cfg, tokenizer, source, split, acc, load, encode) -> list[Any] | None:
-    """Read, validate and tokenize one dataset, reporting what truncation did to it."""
+    """Read, validate and tokenize one dataset, reporting what truncation did to it and, with
+    ``data.on_error=skip``, which malformed rows were left out and why."""
     if source is None:
         if split == "train":
             raise ConfigError("data.train is required: a data file, directory or hub dataset")
         return None
-    records, layout = load(source, split)
     d = cfg.data
-    examples, report = encode(records, tokenizer, d.max_length, d.max_prompt_length, d.truncation)
+    skipped: list[DataError] | None = [] if d.on_error == "skip" else None
+    records, layout = load(source, split, skipped)
+    examples, report = encode(
+        records,
+        tokenizer,
+        d.max_length,
+        d.max_prompt_length,
+        d.truncation,
+        source=source,
+        skipped=skipped,
+    )
     acc.print(f"{source}: layout {layout}; {report.summary()}")
-    _check_not_empty(source, report)
+    if skipped:
+        acc.print(describe_skipped(source, skipped))
+    _check_not_empty(source, report, skipped or [])
     return examples
 
 
-def _check_not_empty(source: str, report: TruncationReport) -> None:
+def _check_not_empty(source: str, report: TruncationReport, skipped: list[DataError]) -> None:
+    if report.rows == 0 and skipped:
+        message = f"no usable rows: all {len(skipped)} are malformed; the first: {skipped[0]}"
+        raise DataError(source, message)
     if report.kept == 0:
         raise ConfigError(f"{source}: no rows left after truncation; raise data.max_length")
+
+
+def run_data_check(cfg: SFTConfig, specs: list[str], kind: str) -> int:
+    """``preftune data check``: read each dataset as training would (``specs``, else
+    ``data.train`` and ``data.eval``), print a summary of each on stdout and each problem as one
+    line on stderr. Returns the exit status: 0 when no problem was found, 1 otherwise."""
+    sources = [(spec, "train") for spec in specs]
+    if not sources:
+        sources = [(cfg.data.train, "train"), (cfg.data.eval, "test")]
+        sources = [(spec, split) for spec, split in sources if spec is not None]
+    if not sources:
+        raise ConfigError("nothing to check: name a dataset, or set data.train")
+    budget = Budget(cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.truncation)
+    tokenizer = load_tokenizer(_model_spec(cfg))
+    found = 0
+    for spec, split in sources:
+        result = check_dataset(spec, split, kind, tokenizer, budget)
+        if result.summary:
+            print("\n".join(result.summary), flush=True)
+        for problem in result.problems:
+            print(f"preftune: error: {problem}", file=sys.stderr, flush=True)
+        found += len(result.problems)
+    return 1 if found else 0
 
 
 def _train_and_save(cfg, command, acc, model, tokenizer, objective, train_set, eval_set):

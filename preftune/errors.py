@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class PreftuneError(Exception):
     """An error the user can fix (bad config, bad data). The CLI prints it as one line."""
@@ -9,6 +11,10 @@ class PreftuneError(Exception):
 
 class ConfigError(PreftuneError):
     """A config key or value is wrong."""
+
+
+class TrainingError(PreftuneError):
+    """Training cannot go on, e.g. the loss stayed non-finite for too many steps in a row."""
 
 
 class DataError(PreftuneError):
@@ -27,3 +33,13 @@ class DataError(PreftuneError):
         if field is not None:
             where += f": field '{field}'"
         super().__init__(f"{where}: {message}")
+
+    @property
+    def reason(self) -> str:
+        """What was wrong, without the details that differ from row to row, to group by:
+        ``"field 'chosen': empty response"``, ``"invalid JSON"``."""
+        what = re.split(r"[:;]", self.message, maxsplit=1)[0]
+        if self.field is None:
+            return what
+        field = re.sub(r"\[\d+\]", "[]", self.field)
+        return f"field '{field}': {what}"

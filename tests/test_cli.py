@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SAMPLE_TRAIN, read_metrics, run_cli, write_jsonl
+from tests.conftest import LAUNCHER, SAMPLE_TRAIN, read_metrics, run_cli, write_jsonl
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -62,21 +61,8 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     ]
     single = run_cli(*common, "train.micro_batch_size=4", f"output_dir={tmp_path / 'one'}")
     assert single.returncode == 0, single.stderr
-    launcher = [
-        str(Path(sys.prefix, "bin", "accelerate")),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
     double = run_cli(
-        *common, "train.micro_batch_size=2", f"output_dir={tmp_path / 'two'}", launcher=launcher
+        *common, "train.micro_batch_size=2", f"output_dir={tmp_path / 'two'}", launcher=LAUNCHER
     )
     assert double.returncode == 0, double.stderr
     assert "= 2 processes x 2 micro-batches x 2" in double.stdout

@@ -8,11 +8,12 @@ the response tokens a loss is taken over are the same for chosen and rejected.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.data.records import Demo, Pair, Text
+from preftune.data.records import Demo, Message, Pair, Text
+from preftune.data.sources import keep_or_raise
 from preftune.errors import ConfigError, DataError, PreftuneError
 
 TRUNCATIONS = ("keep_end", "keep_start")
@@ -27,6 +28,8 @@ class EncodedPair:
     rejected_ids: list[int]
     # Summed reference log-probs of (chosen, rejected), once they have been computed.
     reference_logps: tuple[float, float] | None = None
+    # The row of the source data it came from (1-based), where known.
+    row: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -35,17 +38,23 @@ class EncodedDemo:
 
     prompt_ids: list[int]
     completion_ids: list[int]
+    row: int | None = field(default=None, compare=False)
 
 
 @dataclass
 class TruncationReport:
-    """What fitting rows into the length budget did; truncation counts are over kept rows."""
+    """What fitting rows into the length budget did; truncation counts are over kept rows.
+
+    ``identical`` counts kept pairs whose responses are the same tokens: they carry no
+    preference, so a paired loss has zero gradient on them.
+    """
 
     rows: int
     prompts_truncated: int
     responses_truncated: int
     dropped: int
     kept: int
+    identical: int = 0
 
     def summary(self) -> str:
         """One line, e.g. ``"1000 rows: 12 prompts truncated, 3 responses truncated, 1 dropped
@@ -56,11 +65,25 @@ class TruncationReport:
         )
         if self.dropped:
             text += " (prompt leaves no room for a response)"
+        if self.identical:
+            text += (
+                f"; {_count(self.identical, 'pair')} with chosen identical to rejected "
+                "(no preference to learn)"
+            )
         return text
 
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+@dataclass
+class Tokenized:
+    """Untruncated ids of one example: its prompt and each response, and its source row."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    row: int | None
 
 
 def encode_pairs(
@@ -69,16 +92,22 @@ def encode_pairs(
     max_length: int,
     max_prompt_length: int | None,
     truncation: str = "keep_end",
+    *,
+    source: str = "data",
+    skipped: list[DataError] | None = None,
 ) -> tuple[list[EncodedPair], TruncationReport]:
     """Token ids for each pair, fitted so ``prompt + response`` is at most ``max_length`` tokens.
 
     A prompt longer than ``max_prompt_length`` keeps its end (``keep_end``) or its start
     (``keep_start``); then each response is cut, keeping its start, to fit ``max_length``. A
     row whose prompt alone fills ``max_length`` is dropped. The report counts all three.
+    ``source`` names the data in errors; with ``skipped``, a row the chat template cannot
+    render is collected there and left out instead of raised.
     """
-    examples = [(pair.prompt, (pair.chosen, pair.rejected)) for pair in pairs]
-    encoded, report = _encode(examples, tokenizer, max_length, max_prompt_length, truncation)
-    return [EncodedPair(prompt, *responses) for prompt, responses in encoded], report
+    check_budget(max_length, max_prompt_length, truncation)
+    tokenized = tokenize_pairs(pairs, tokenizer, source, skipped)
+    encoded, report = fit(tokenized, max_length, max_prompt_length, truncation)
+    return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in encoded], report
 
 
 def encode_demos(
@@ -87,24 +116,41 @@ def encode_demos(
     max_length: int,
     max_prompt_length: int | None,
     truncation: str = "keep_end",
+    *,
+    source: str = "data",
+    skipped: list[DataError] | None = None,
 ) -> tuple[list[EncodedDemo], TruncationReport]:
     """Token ids for each demonstration, fitted to the budget exactly as in ``encode_pairs``."""
-    examples = [(demo.prompt, (demo.completion,)) for demo in demos]
-    encoded, report = _encode(examples, tokenizer, max_length, max_prompt_length, truncation)
-    return [EncodedDemo(prompt, completion) for prompt, (completion,) in encoded], report
+    check_budget(max_length, max_prompt_length, truncation)
+    tokenized = tokenize_demos(demos, tokenizer, source, skipped)
+    encoded, report = fit(tokenized, max_length, max_prompt_length, truncation)
+    return [EncodedDemo(e.prompt, *e.responses, row=e.row) for e in encoded], report
 
 
-Example = tuple[Text, tuple[Text, ...]]
-Encoded = tuple[list[int], list[list[int]]]
-
-
-def _encode(
-    examples: list[Example],
+def tokenize_pairs(
+    pairs: Sequence[Pair],
     tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    max_prompt_length: int | None,
-    truncation: str,
-) -> tuple[list[Encoded], TruncationReport]:
+    source: str = "data",
+    skipped: list[DataError] | None = None,
+) -> list[Tokenized]:
+    """Untruncated ids of each pair's prompt, chosen and rejected responses."""
+    examples = [(pair.prompt, (pair.chosen, pair.rejected), pair.row) for pair in pairs]
+    return _tokenize(examples, tokenizer, source, skipped)
+
+
+def tokenize_demos(
+    demos: Sequence[Demo],
+    tokenizer: PreTrainedTokenizerBase,
+    source: str = "data",
+    skipped: list[DataError] | None = None,
+) -> list[Tokenized]:
+    """Untruncated ids of each demonstration's prompt and completion."""
+    examples = [(demo.prompt, (demo.completion,), demo.row) for demo in demos]
+    return _tokenize(examples, tokenizer, source, skipped)
+
+
+def check_budget(max_length: int, max_prompt_length: int | None, truncation: str) -> None:
+    """The length settings are usable; checked before any tokenizing."""
     if truncation not in TRUNCATIONS:
         expected = " or ".join(repr(name) for name in TRUNCATIONS)
         raise ConfigError(f"data.truncation: expected {expected}, got {truncation!r}")
@@ -112,10 +158,17 @@ def _encode(
         raise ConfigError(f"data.max_length: expected at least 1 token, got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 0:
         raise ConfigError(f"data.max_prompt_length: expected 0 or more, got {max_prompt_length}")
-    if tokenizer.eos_token_id is None:
-        raise PreftuneError("the tokenizer has no EOS token; responses need one to end on")
-    kept, prompts_cut, responses_cut = [], 0, 0
-    for prompt, responses in _tokenize(examples, tokenizer):
+
+
+def fit(
+    examples: Sequence[Tokenized], max_length: int, max_prompt_length: int | None, truncation: str
+) -> tuple[list[Tokenized], TruncationReport]:
+    """The examples cut to the length budget (see ``encode_pairs``) and what that did."""
+    check_budget(max_length, max_prompt_length, truncation)
+    kept: list[Tokenized] = []
+    prompts_cut = responses_cut = identical = 0
+    for example in examples:
+        prompt, responses = example.prompt, example.responses
         prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
         if prompt_cut:
             start = len(prompt) - max_prompt_length if truncation == "keep_end" else 0
@@ -125,21 +178,43 @@ def _encode(
             continue
         prompts_cut += prompt_cut
         responses_cut += any(len(response) > room for response in responses)
-        kept.append((prompt, [response[:room] for response in responses]))
+        cut = [response[:room] for response in responses]
+        identical += len(cut) > 1 and all(response == cut[0] for response in cut)
+        kept.append(Tokenized(prompt, cut, example.row))
     report = TruncationReport(
         rows=len(examples),
         prompts_truncated=prompts_cut,
         responses_truncated=responses_cut,
         dropped=len(examples) - len(kept),
         kept=len(kept),
+        identical=identical,
     )
     return kept, report
 
 
-def _tokenize(examples: list[Example], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+Example = tuple[Text, tuple[Text, ...], int | None]
+
+
+class _Unrenderable(Exception):
+    """An example the chat template cannot render; turned into a ``DataError`` by the caller."""
+
+
+def _tokenize(
+    examples: list[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    skipped: list[DataError] | None,
+) -> list[Tokenized]:
     """Untruncated ids; texts are rendered first so the tokenizer sees them in large batches."""
-    rendered = [_render(index, *example, tokenizer) for index, example in enumerate(examples)]
-    chats = [chat for _, _, chat in rendered]
+    if tokenizer.eos_token_id is None:
+        raise PreftuneError("the tokenizer has no EOS token; responses need one to end on")
+    rendered = []
+    for index, (prompt, responses, row) in enumerate(examples):
+        try:
+            rendered.append((*_render(prompt, responses, tokenizer), row))
+        except _Unrenderable as error:
+            keep_or_raise(_render_error(source, row, index, str(error)), skipped)
+    chats = [chat for _, _, chat, _ in rendered]
     # Plain prompts take the tokenizer's own special tokens (BOS); a chat template renders its own.
     prompt_ids: list[list[int]] = [[] for _ in rendered]
     for chat in (False, True):
@@ -147,18 +222,24 @@ def _tokenize(examples: list[Example], tokenizer: PreTrainedTokenizerBase) -> li
         texts = [rendered[index][0] for index in indices]
         for index, ids in zip(indices, _ids(tokenizer, texts, not chat), strict=True):
             prompt_ids[index] = ids
-    response_texts = [text for _, responses, _ in rendered for text in responses]
+    response_texts = [text for _, responses, _, _ in rendered for text in responses]
     response_ids = iter(_ids(tokenizer, response_texts, False))
     eos = tokenizer.eos_token_id
     encoded = []
-    for prompt, (_, responses, chat) in zip(prompt_ids, rendered, strict=True):
+    for prompt, (_, responses, chat, row) in zip(prompt_ids, rendered, strict=True):
         finished = []
         for ids in (next(response_ids) for _ in responses):
             # A chat template's end-of-turn may already be the EOS; plain text ends on EOS.
             has_eos = eos in ids if chat else ids[-1:] == [eos]
             finished.append(ids if has_eos else [*ids, eos])
-        encoded.append((prompt, finished))
+        encoded.append(Tokenized(prompt, finished, row))
     return encoded
+
+
+def _render_error(source: str, row: int | None, index: int, message: str) -> DataError:
+    if row is None:
+        return DataError("chat template", f"example {index + 1}: {message}")
+    return DataError(source, f"chat template: {message}", row=row)
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], specials: bool) -> list[list[int]]:
@@ -168,14 +249,12 @@ def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], specials: bool) -
 
 
 def _render(
-    index: int, prompt: Text, responses: tuple[Text, ...], tokenizer: PreTrainedTokenizerBase
+    prompt: Text, responses: tuple[Text, ...], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[str, list[str], bool]:
     """The prompt text, each response's text, and whether they came from a chat template."""
     chat = isinstance(prompt, list)
     if any(isinstance(response, list) != chat for response in responses):
-        raise PreftuneError(
-            f"example {index + 1}: prompt and responses must all be text or all be conversations"
-        )
+        raise _Unrenderable("prompt and responses must all be text or all be conversations")
     if not chat:
         return prompt, list(responses), False
     if tokenizer.chat_template is None:
@@ -183,16 +262,27 @@ def _render(
             "the data is conversational but the tokenizer has no chat template; "
             "set one on the tokenizer or convert the data to plain prompt/response text"
         )
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_text = _apply_template(tokenizer, prompt, add_generation_prompt=True)
     texts = []
     for response in responses:
-        full = tokenizer.apply_chat_template([*prompt, *response], tokenize=False)
+        full = _apply_template(tokenizer, [*prompt, *response], add_generation_prompt=False)
         if not full.startswith(prompt_text):
-            raise DataError(
-                "chat template",
-                f"example {index + 1}: rendering prompt+response does not start with the rendered "
-                "prompt, so the response cannot be split off; use a template that renders a "
-                "conversation's earlier turns the same whatever follows",
+            raise _Unrenderable(
+                "rendering prompt+response does not start with the rendered prompt, so the "
+                "response cannot be split off; use a template that renders a conversation's "
+                "earlier turns the same whatever follows"
             )
         texts.append(full[len(prompt_text) :])
     return prompt_text, texts, True
+
+
+def _apply_template(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool
+) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as error:  # a template is code shipped with the model; any failure is data's
+        text = " ".join(str(error).split()) or type(error).__name__
+        raise _Unrenderable(f"the chat template failed: {text}") from None

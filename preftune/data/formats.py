@@ -2,20 +2,23 @@
 
 The layout is read off the first row; every later row must have the same one, so a dataset that
 mixes layouts fails on the first row that differs instead of being half-read. Text is validated
-but never rewritten: an implicit prompt is split off, not re-rendered.
+but never rewritten: an implicit prompt is split off, not re-rendered. Given a ``skipped`` list,
+the loaders collect every bad row there (and leave it out) instead of stopping at the first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from preftune.data.records import Demo, Message, Pair, Text
-from preftune.data.sources import Row, read_rows
+from preftune.data.sources import Row, Rows, Skipped, keep_or_raise, read_rows
 from preftune.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+KINDS = ("pairs", "sft")
 
 PAIR_FIELDS = {
     "standard": ("prompt", "chosen", "rejected"),
@@ -25,44 +28,106 @@ PAIR_FIELDS = {
 }
 DEMO_FIELDS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
 _Detector = Callable[[str, int, Row], str]
+R = TypeVar("R", Pair, Demo)
 
 
-def load_pairs(spec: str, split: str = "train") -> tuple[list[Pair], str]:
+def load_pairs(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Pair], str]:
     """Preference pairs from ``spec`` (see ``read_rows``) and the name of the detected layout.
 
     Layouts: ``standard`` (prompt/chosen/rejected strings), ``conversational`` (the same as
     message lists), ``implicit`` (chosen/rejected only; the prompt is their shared start) and
     ``hh`` (Anthropic-HH transcripts; the prompt runs to the last ``"\\n\\nAssistant:"``).
+    Each pair carries its row number. With ``skipped``, bad rows are collected there.
     """
-    rows = read_rows(spec, split)
-    layout = _pair_layout(spec, *rows[0])
-    read = _PAIR_READERS[layout]
-    # Whether implicit pairs are text or conversations is also fixed by the first row.
-    if layout == "implicit" and isinstance(rows[0][1]["chosen"], list):
-        read = _implicit_conversation
-    pairs = []
-    for number, row in rows:
-        check = _Checker(spec, number, row)
-        check.conforms(layout, PAIR_FIELDS[layout], _pair_layout)
-        pairs.append(read(check))
-    return pairs, layout
+    return pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
 
 
-def load_demos(spec: str, split: str = "train") -> tuple[list[Demo], str]:
+def load_demos(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Demo], str]:
     """Demonstrations from ``spec`` (see ``read_rows``) and the name of the detected layout.
 
     Layouts: ``prompt_completion`` (strings or message lists) and ``messages`` (one conversation;
-    its last message, which must be the assistant's, is the completion).
+    its last message, which must be the assistant's, is the completion). Each demonstration
+    carries its row number. With ``skipped``, bad rows are collected there.
     """
-    rows = read_rows(spec, split)
-    layout = _demo_layout(spec, *rows[0])
-    conversational = layout == "messages" or isinstance(rows[0][1]["prompt"], list)
-    demos = []
+    return demos_from_rows(spec, read_rows(spec, split, skipped), skipped)
+
+
+def load_records(
+    spec: str, split: str, kind: str, skipped: Skipped = None
+) -> tuple[list[Pair] | list[Demo], str, str]:
+    """Pairs or demonstrations, the layout, and the kind (``pairs``/``sft``); ``kind="auto"``
+    reads pairs when the first row with any known layout has ``chosen`` and ``rejected``."""
+    rows = read_rows(spec, split, skipped)
+    if kind == "auto":
+        kind = "pairs" if _first_kind(rows) == "pairs" else "sft"
+    convert = pairs_from_rows if kind == "pairs" else demos_from_rows
+    records, layout = convert(spec, rows, skipped)
+    return records, layout, kind
+
+
+def _first_kind(rows: Rows) -> str:
+    for _, row in rows:
+        if _present(row, "chosen") and _present(row, "rejected"):
+            return "pairs"
+        if _present(row, "messages") or _present(row, "completion"):
+            return "sft"
+    return "pairs"
+
+
+def pairs_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[list[Pair], str]:
+    """Pairs from rows already read (see ``load_pairs``)."""
+    layout, first = _layout(spec, rows, _pair_layout, skipped)
+    if first == len(rows):
+        return [], layout
+    read = _PAIR_READERS[layout]
+    # Whether implicit pairs are text or conversations is also fixed by the first row.
+    if layout == "implicit" and isinstance(rows[first][1]["chosen"], list):
+        read = _implicit_conversation
+    return _convert(spec, rows[first:], layout, PAIR_FIELDS, _pair_layout, read, skipped), layout
+
+
+def demos_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[list[Demo], str]:
+    """Demonstrations from rows already read (see ``load_demos``)."""
+    layout, first = _layout(spec, rows, _demo_layout, skipped)
+    if first == len(rows):
+        return [], layout
+    conversational = layout == "messages" or isinstance(rows[first][1]["prompt"], list)
+
+    def read(check: _Checker) -> Demo:
+        return _read_demo(check, layout, conversational)
+
+    return _convert(spec, rows[first:], layout, DEMO_FIELDS, _demo_layout, read, skipped), layout
+
+
+def _layout(spec: str, rows: Rows, detect: _Detector, skipped: Skipped) -> tuple[str, int]:
+    """The layout of the first row that has one, and that row's index; rows before it are bad.
+    With no such row (only when collecting), ``("none", len(rows))``."""
+    for index, (number, row) in enumerate(rows):
+        try:
+            return detect(spec, number, row), index
+        except DataError as error:
+            keep_or_raise(error, skipped)
+    return "none", len(rows)
+
+
+def _convert(
+    spec: str,
+    rows: Rows,
+    layout: str,
+    fields: dict[str, tuple[str, ...]],
+    detect: _Detector,
+    read: Callable[[_Checker], R],
+    skipped: Skipped,
+) -> list[R]:
+    records = []
     for number, row in rows:
         check = _Checker(spec, number, row)
-        check.conforms(layout, DEMO_FIELDS[layout], _demo_layout)
-        demos.append(_read_demo(check, layout, conversational))
-    return demos, layout
+        try:
+            check.conforms(layout, fields[layout], detect)
+            records.append(replace(read(check), row=number))
+        except DataError as error:
+            keep_or_raise(error, skipped)
+    return records
 
 
 def _present(row: Row, field: str) -> bool:
@@ -118,9 +183,19 @@ class _Checker:
         value = self.row[field]
         if not isinstance(value, str):
             raise self.error(f"expected a string, got {type(value).__name__}", field)
+        self.encodable(value, field)
         if response:
             self.nonempty(value, field)
         return value
+
+    def encodable(self, text: str, field: str) -> None:
+        """Text a tokenizer can take: JSON escapes can spell half of a UTF-16 surrogate pair."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            bad = f"U+{ord(text[error.start]):04X}"
+            message = f"unpaired surrogate {bad} at character {error.start + 1}"
+            raise self.error(message, field) from None
 
     def nonempty(self, text: Text, field: str) -> None:
         contents = [text] if isinstance(text, str) else [m["content"] for m in text]
@@ -152,6 +227,7 @@ class _Checker:
         if not isinstance(message["content"], str):
             got = type(message["content"]).__name__
             raise self.error(f"expected a string, got {got}", f"{field}.content")
+        self.encodable(message["content"], f"{field}.content")
 
     def text(self, field: str, conversational: bool, response: bool = False) -> Text:
         if conversational:

@@ -6,7 +6,7 @@ messages); a conversation is rendered with the tokenizer's chat template at enco
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Message = dict[str, str]
 Text = str | list[Message]
@@ -19,6 +19,8 @@ class Pair:
     prompt: Text
     chosen: Text
     rejected: Text
+    row: int | None = field(default=None, compare=False)
+    """The 1-based row of the source it was read from, for messages; not part of its value."""
 
 
 @dataclass(frozen=True)
@@ -27,3 +29,5 @@ class Demo:
 
     prompt: Text
     completion: Text
+    row: int | None = field(default=None, compare=False)
+    """The 1-based row of the source it was read from, for messages; not part of its value."""

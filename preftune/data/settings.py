@@ -18,3 +18,8 @@ class DataConfig:
     truncation: str = option(
         "keep_end", "which part of a long prompt to keep", ("keep_end", "keep_start")
     )
+    on_error: str = option(
+        "raise",
+        "a malformed row stops the run (raise) or is left out, counted and reported (skip)",
+        ("raise", "skip"),
+    )

@@ -1,7 +1,10 @@
 """Read raw rows from wherever a dataset lives: a local file, a ``datasets`` directory, or the hub.
 
 Every reader returns ``(row_number, row)`` pairs with 1-based row numbers that point back into
-the source, so a later error can say exactly which row to fix.
+the source, so a later error can say exactly which row to fix. A row that cannot be read (bad
+JSON, bad bytes, a wrong number of cells) raises, or, given a ``skipped`` list, is added to it and
+left out, so that one pass can report every bad row; a source that cannot be read at all always
+raises.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ import csv
 import io
 import json
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from preftune.errors import DataError
 
 Row = dict[str, Any]
+Rows = list[tuple[int, Row]]
+Skipped = list[DataError] | None
 NEWLINE = b"\n"
 
 ACCEPTED = ".jsonl, .json, .parquet, .csv, or a directory saved by datasets.save_to_disk"
@@ -23,34 +30,46 @@ ACCEPTED = ".jsonl, .json, .parquet, .csv, or a directory saved by datasets.save
 _HUB_ID = re.compile(r"^(?P<name>[\w][\w.-]*/[\w][\w.-]*)(?::(?P<split>[\w.-]+))?$")
 
 
-def read_rows(spec: str, split: str = "train") -> list[tuple[int, Row]]:
+def read_rows(spec: str, split: str = "train", skipped: Skipped = None) -> Rows:
     """The rows of the dataset named by ``spec``, each with its 1-based row number.
 
     ``spec`` is a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory written by
     ``datasets.save_to_disk``, or a hub id ``org/name`` (optionally ``org/name:split``, which
-    overrides ``split``). Raises ``DataError`` naming the source (and row) on anything unreadable.
+    overrides ``split``). Raises ``DataError`` naming the source (and row) on anything unreadable;
+    with ``skipped``, an unreadable row is appended there instead and the others are returned.
     """
     path = Path(spec).expanduser()
+    before = len(skipped) if skipped is not None else 0
     if path.is_dir():
         rows = _read_saved_dataset(spec, path, split)
     elif path.is_file():
-        rows = _read_file(spec, path)
+        rows = _read_file(spec, path, skipped)
     else:
         hub = _HUB_ID.match(spec)
         if hub is None or path.suffix.lower() in _READERS or spec.startswith((".", "/", "~")):
             raise DataError(spec, "no such file")
         rows = _read_hub(spec, hub["name"], hub["split"] or split)
-    if not rows:
+    if not rows and (skipped is None or len(skipped) == before):
         raise DataError(spec, "no rows")
     return rows
 
 
-def _read_file(spec: str, path: Path) -> list[tuple[int, Row]]:
+def _read_file(spec: str, path: Path, skipped: Skipped) -> Rows:
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         kind = f"'{path.suffix}'" if path.suffix else "with no extension"
         raise DataError(spec, f"unknown file type {kind}; accepted: {ACCEPTED}")
-    return reader(spec, path)
+    try:
+        return reader(spec, path, skipped)
+    except OSError as error:
+        raise DataError(spec, f"cannot read: {error.strerror or _one_line(error)}") from None
+
+
+def keep_or_raise(error: DataError, skipped: Skipped) -> None:
+    """Raise ``error``, or, when collecting, append it to ``skipped``."""
+    if skipped is None:
+        raise error
+    skipped.append(error)
 
 
 def _decode(spec: str, data: bytes, row: int | None = None) -> str:
@@ -79,38 +98,48 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "a number")
 
 
-def _read_jsonl(spec: str, path: Path) -> list[tuple[int, Row]]:
-    return _parse_jsonl(spec, path.read_bytes())
+def _read_jsonl(spec: str, path: Path, skipped: Skipped) -> Rows:
+    return _parse_jsonl(spec, path.read_bytes(), skipped)
 
 
-def _parse_jsonl(spec: str, data: bytes) -> list[tuple[int, Row]]:
+def _parse_jsonl(spec: str, data: bytes, skipped: Skipped) -> Rows:
     rows = []
     for number, raw in enumerate(data.split(NEWLINE), start=1):
-        line = _decode(spec, raw, row=number).strip()
-        if not line:
-            continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            message = f"invalid JSON: {error.msg} at column {error.colno}"
-            raise DataError(spec, message, row=number) from None
-        rows.append((number, _as_object(spec, value, number)))
+            line = _decode(spec, raw, row=number).strip()
+            if line:
+                rows.append((number, _as_object(spec, _parse_json(spec, line, number), number)))
+        except DataError as error:
+            keep_or_raise(error, skipped)
     return rows
 
 
-def _read_json(spec: str, path: Path) -> list[tuple[int, Row]]:
+def _parse_json(spec: str, text: str, row: int | None = None) -> Any:
+    """``json.loads``, with every way it can fail as a ``DataError``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"column {error.colno}" if row else f"line {error.lineno} column {error.colno}"
+        what = error.msg.removesuffix(" at")  # some messages end in "at", e.g. "starting at"
+        raise DataError(spec, f"invalid JSON: {what} at {where}", row=row) from None
+    except RecursionError:
+        raise DataError(spec, "invalid JSON: nested too deeply to read", row=row) from None
+    except ValueError:  # an integer with more digits than Python converts
+        raise DataError(spec, "invalid JSON: a number too long to read", row=row) from None
+
+
+def _read_json(spec: str, path: Path, skipped: Skipped) -> Rows:
     data = path.read_bytes()
     text = _decode(spec, data)
     if not text.strip():
         return []
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as error:
+        document = _parse_json(spec, text)
+    except DataError as error:
         # A .json file holding one object per line is common enough to accept as JSON Lines.
-        if error.msg == "Extra data":
-            return _parse_jsonl(spec, data)
-        message = f"invalid JSON: {error.msg} at line {error.lineno} column {error.colno}"
-        raise DataError(spec, message) from None
+        if error.message.startswith("invalid JSON: Extra data"):
+            return _parse_jsonl(spec, data, skipped)
+        raise
     if isinstance(document, dict):
         lists = [key for key, value in document.items() if isinstance(value, list)]
         if len(lists) != 1:
@@ -120,11 +149,29 @@ def _read_json(spec: str, path: Path) -> list[tuple[int, Row]]:
         document = document[lists[0]]
     if not isinstance(document, list):
         raise DataError(spec, f"expected a list of objects, got {_json_type(document)}")
-    return [(index, _as_object(spec, value, index)) for index, value in enumerate(document, 1)]
+    rows = []
+    for index, value in enumerate(document, 1):
+        try:
+            rows.append((index, _as_object(spec, value, index)))
+        except DataError as error:
+            keep_or_raise(error, skipped)
+    return rows
 
 
-def _read_csv(spec: str, path: Path) -> list[tuple[int, Row]]:
+def _read_csv(spec: str, path: Path, skipped: Skipped) -> Rows:
     text = _decode(spec, path.read_bytes())
+    # A cell may be as long as the file: enormous rows are for truncation to handle, not csv.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(sys.maxsize)
+    try:
+        return _parse_csv(spec, text, skipped)
+    except csv.Error as error:
+        raise DataError(spec, f"cannot read as CSV: {error}") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _parse_csv(spec: str, text: str, skipped: Skipped) -> Rows:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     for number, record in enumerate(reader, start=1):
@@ -133,7 +180,8 @@ def _read_csv(spec: str, path: Path) -> list[tuple[int, Row]]:
         if surplus or None in record.values():
             cells = sum(value is not None for value in record.values()) + len(surplus)
             message = f"has {cells} cells but the header names {len(record)} columns"
-            raise DataError(spec, message, row=number)
+            keep_or_raise(DataError(spec, message, row=number), skipped)
+            continue
         rows.append((number, {key: _parse_cell(value) for key, value in record.items()}))
     return rows
 
@@ -144,12 +192,12 @@ def _parse_cell(text: str) -> Any:
         return text
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return text
     return value if isinstance(value, list) else text
 
 
-def _read_parquet(spec: str, path: Path) -> list[tuple[int, Row]]:
+def _read_parquet(spec: str, path: Path, skipped: Skipped) -> Rows:
     import pyarrow  # imported here: pyarrow is slow to import and most runs read other files
     import pyarrow.parquet
 
@@ -160,7 +208,7 @@ def _read_parquet(spec: str, path: Path) -> list[tuple[int, Row]]:
     return list(enumerate(table.to_pylist(), start=1))
 
 
-def _read_saved_dataset(spec: str, path: Path, split: str) -> list[tuple[int, Row]]:
+def _read_saved_dataset(spec: str, path: Path, split: str) -> Rows:
     import datasets  # imported here: datasets takes seconds to import and few sources need it
 
     try:
@@ -175,7 +223,7 @@ def _read_saved_dataset(spec: str, path: Path, split: str) -> list[tuple[int, Ro
     return list(enumerate(loaded, start=1))
 
 
-def _read_hub(spec: str, name: str, split: str) -> list[tuple[int, Row]]:
+def _read_hub(spec: str, name: str, split: str) -> Rows:
     import datasets
 
     try:
@@ -191,7 +239,7 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-_READERS = {
+_READERS: dict[str, Callable[[str, Path, Skipped], Rows]] = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
     ".csv": _read_csv,

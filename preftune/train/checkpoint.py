@@ -1,8 +1,11 @@
 """Atomic, resumable checkpoints: ``output_dir/checkpoints/step-NNNNNNNN/``.
 
 Each holds the weights (safetensors), the optimizer and scheduler states and every RNG state
-(a tensors-only file loaded with ``weights_only=True``) and ``state.json``. It is written to a
-temporary directory and renamed into place, so a checkpoint directory is always complete.
+(a tensors-only file loaded with ``weights_only=True``, so loading runs no pickled code) and
+``state.json``. It is written to a temporary directory and renamed into place, and old ones are
+renamed away before they are deleted, so a directory named ``step-*`` is always complete: a
+process killed at any moment leaves the newest complete checkpoint loadable, and the leftovers
+(``.tmp-*``, ``.old-*``) are removed on the next start.
 """
 
 from __future__ import annotations
@@ -11,13 +14,18 @@ import json
 import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from safetensors.torch import load_model, save_model
 
 PREFIX = "step-"
+STAGING = ".tmp-"
+RETIRED = ".old-"
+FILES = ("model.safetensors", "training_state.pt", "state.json")
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -25,11 +33,28 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir``, if any."""
+    done = complete_checkpoints(checkpoint_root(output_dir))
+    return done[-1] if done else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories holding every file, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
+    return sorted(p for p in found if all((p / name).is_file() for name in FILES))
+
+
+def remove_leftovers(output_dir: str | Path) -> list[Path]:
+    """Delete what an interrupted save or prune left behind; returns what was removed."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
-    return done[-1] if done else None
+        return []
+    leftovers = [p for p in root.iterdir() if p.name.startswith((STAGING, RETIRED))]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def save_checkpoint(
@@ -44,7 +69,7 @@ def save_checkpoint(
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    staging = root / f".tmp-{final.name}-{os.getpid()}"
+    staging = root / f"{STAGING}{final.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     save_model(model, str(staging / "model.safetensors"))
@@ -52,19 +77,18 @@ def save_checkpoint(
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python_rng": random.getstate(),
+            **rng_states(),
         },
         staging / "training_state.pt",
     )
+    # Written last: a checkpoint is complete when its state.json exists.
     (staging / "state.json").write_text(json.dumps({"step": step, "config": run_config}))
     _fsync_dir(staging)
     if final.exists():
-        shutil.rmtree(final)
+        _retire(final)
     os.replace(staging, final)
     _fsync_dir(root)
-    _prune(root, keep)
+    prune(root, keep)
     return final
 
 
@@ -81,23 +105,50 @@ def load_checkpoint(
     state = torch.load(path / "training_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(state)
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+def rng_states() -> dict[str, Any]:
+    """Every random generator's state, as tensors and plain numbers."""
+    kind, keys, position, has_gauss, gauss = numpy.random.get_state()
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": random.getstate(),
+        "numpy_rng": (kind, torch.from_numpy(keys.astype(numpy.int64)), position, has_gauss, gauss),
+    }
+
+
+def set_rng_states(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(_as_tuples(state["python_rng"]))
-    return json.loads((path / "state.json").read_text())["step"]
+    if "numpy_rng" in state:  # absent from checkpoints written before it was saved
+        kind, keys, position, has_gauss, gauss = state["numpy_rng"]
+        keys = keys.numpy().astype(numpy.uint32)
+        numpy.random.set_state((kind, keys, position, has_gauss, gauss))
 
 
 def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def _prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int) -> None:
+    """Keep only the newest ``keep`` complete checkpoints (0: keep all)."""
     if keep <= 0:
         return
-    done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))
-    for old in done[:-keep]:
-        shutil.rmtree(old)
+    for old in complete_checkpoints(root)[:-keep]:
+        _retire(old)
+
+
+def _retire(path: Path) -> None:
+    """Rename ``path`` out of the ``step-*`` namespace, then delete it: a kill mid-delete leaves
+    a leftover to clean up, never a half-deleted checkpoint that looks complete."""
+    retired = path.with_name(f"{RETIRED}{path.name}-{uuid.uuid4().hex[:12]}")
+    os.replace(path, retired)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

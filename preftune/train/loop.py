@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from preftune.errors import ConfigError
+from preftune.errors import ConfigError, TrainingError
 from preftune.objectives.base import Batch, Metrics, Objective
 from preftune.train.checkpoint import (
     checkpoint_config,
     latest_checkpoint,
     load_checkpoint,
+    remove_leftovers,
     save_checkpoint,
 )
 from preftune.train.metrics_log import MetricsLog
@@ -42,14 +43,29 @@ class Run:
     """The whole config, flattened to dotted keys; a resumed run must match it."""
 
 
-# Keys that only change what is logged or kept, so a run may resume with new values.
+# Keys that only change what is logged or kept, or when a run gives up, so a run may resume
+# with new values.
 RESUMABLE_CHANGES = (
     "output_dir",
     "train.log_every",
     "train.eval_every",
     "train.save_every",
     "train.keep_checkpoints",
+    "train.max_bad_steps",
+    "data.on_error",
+    "speed.cache_dir",
+    "speed.reference_batch_size",
 )
+
+
+@dataclass
+class BadStep:
+    """An optimizer step whose update was skipped: why, and which micro-batches (numbered over
+    all processes, in global-batch order) had a non-finite loss; empty when only the gradient
+    was non-finite."""
+
+    reason: str
+    micro_batches: list[int]
 
 
 def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
@@ -73,7 +89,12 @@ def total_steps(cfg: TrainConfig, sampler: StepSampler) -> int:
 
 
 def train(run: Run) -> dict[str, float]:
-    """Train until the last step, resuming from the newest checkpoint in ``run.output_dir``."""
+    """Train until the last step, resuming from the newest checkpoint in ``run.output_dir``.
+
+    A step whose loss or gradient is not finite changes nothing (see :func:`_optimizer_step`);
+    after ``train.max_bad_steps`` such steps in a row the run stops with a ``TrainingError``,
+    its newest checkpoint untouched.
+    """
     acc, cfg = run.accelerator, run.config
     micro = micro_batch_size(cfg, acc.num_processes)
     if len(run.train_examples) < cfg.batch_size:
@@ -81,16 +102,13 @@ def train(run: Run) -> dict[str, float]:
             f"data.train has {len(run.train_examples)} usable examples, fewer than "
             f"train.batch_size={cfg.batch_size}"
         )
+    if cfg.max_bad_steps < 0:
+        raise ConfigError(f"train.max_bad_steps must be 0 or more, got {cfg.max_bad_steps}")
     sampler = StepSampler(len(run.train_examples), cfg.batch_size, run.seed)
     steps = total_steps(cfg, sampler)
     optimizer = build_optimizer(run.model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    start = 0
-    checkpoint = latest_checkpoint(run.output_dir)
-    if checkpoint is not None:
-        _check_same_run(checkpoint_config(checkpoint), run.run_config, run.output_dir)
-        start = load_checkpoint(checkpoint, run.model, optimizer, scheduler)
-        acc.print(f"resuming from {checkpoint} (step {start} of {steps})")
+    start = _resume(run, optimizer, scheduler, steps)
     accumulation = cfg.batch_size // (acc.num_processes * micro)
     acc.print(
         f"{steps} steps of {cfg.batch_size} examples = {acc.num_processes} processes x "
@@ -99,38 +117,95 @@ def train(run: Run) -> dict[str, float]:
     )
     model, optimizer = acc.prepare(run.model, optimizer)
     log = MetricsLog(run.output_dir, steps, start, acc.is_main_process, run.objective.name)
-    for step in range(start + 1, steps + 1):
-        indices = process_share(sampler.global_batch(step), acc.process_index, acc.num_processes)
-        batches = [
-            run.objective.collate([run.train_examples[i] for i in part])
-            for part in chunks(indices, micro)
-        ]
-        stats = _optimizer_step(model, run.objective, batches, acc, optimizer, cfg)
-        stats["learning_rate"] = scheduler.get_last_lr()[0]
-        scheduler.step()
-        log.count_tokens(int(stats.pop("tokens")))
-        if step % cfg.log_every == 0 or step == steps:
-            log.log(step, stats)
-        if run.eval_examples and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            evaluated = evaluate(
-                acc.unwrap_model(model), run.objective, run.eval_examples, micro, acc
-            )
-            log.log(step, evaluated, prefix="eval/")
-        if step == steps or (cfg.save_every and step % cfg.save_every == 0):
-            if acc.is_main_process:
-                save_checkpoint(
-                    run.output_dir,
-                    step,
-                    acc.unwrap_model(model),
-                    optimizer,
-                    scheduler,
-                    cfg.keep_checkpoints,
-                    run.run_config,
+    bad_in_a_row = 0
+    try:
+        for step in range(start + 1, steps + 1):
+            order = sampler.global_batch(step)
+            indices = process_share(order, acc.process_index, acc.num_processes)
+            batches = [
+                run.objective.collate([run.train_examples[i] for i in part])
+                for part in chunks(indices, micro)
+            ]
+            stats, bad = _optimizer_step(model, run.objective, batches, acc, optimizer, cfg)
+            stats["learning_rate"] = scheduler.get_last_lr()[0]
+            scheduler.step()
+            log.count_tokens(int(stats.pop("tokens")))
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            if bad:
+                stats["update_skipped"] = 1.0
+                examples = bad_examples(order, bad, micro)
+                _report_bad_step(run, step, bad, examples, bad_in_a_row)
+            if step % cfg.log_every == 0 or step == steps:
+                log.log(step, stats)
+            if run.eval_examples and (
+                step == steps or (cfg.eval_every and step % cfg.eval_every == 0)
+            ):
+                evaluated = evaluate(
+                    acc.unwrap_model(model), run.objective, run.eval_examples, micro, acc
                 )
-            acc.wait_for_everyone()
-        log.advance()
-    log.close()
+                log.log(step, evaluated, prefix="eval/")
+            if step == steps or (cfg.save_every and step % cfg.save_every == 0):
+                if acc.is_main_process:
+                    save_checkpoint(
+                        run.output_dir,
+                        step,
+                        acc.unwrap_model(model),
+                        optimizer,
+                        scheduler,
+                        cfg.keep_checkpoints,
+                        run.run_config,
+                    )
+                acc.wait_for_everyone()
+            log.advance()
+    finally:
+        log.close()
     return {key: value for key, value in log.latest.items() if key != "step"}
+
+
+def _resume(run: Run, optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> int:
+    """Load the newest complete checkpoint, if any, and return its step (0 without one)."""
+    acc = run.accelerator
+    if acc.is_main_process:
+        for leftover in remove_leftovers(run.output_dir):
+            acc.print(f"removed {leftover}, left by an interrupted checkpoint write")
+    acc.wait_for_everyone()
+    checkpoint = latest_checkpoint(run.output_dir)
+    if checkpoint is None:
+        return 0
+    _check_same_run(checkpoint_config(checkpoint), run.run_config, run.output_dir)
+    start = load_checkpoint(checkpoint, run.model, optimizer, scheduler)
+    acc.print(f"resuming from {checkpoint} (step {start} of {steps})")
+    return start
+
+
+def bad_examples(order: list[int], bad: BadStep, micro: int) -> list[int]:
+    """Indices into the training set of the examples a bad step is blamed on: those of its
+    micro-batches with a non-finite loss, else (a non-finite gradient) the whole global batch."""
+    if not bad.micro_batches:
+        return sorted(order)
+    return sorted(i for part in bad.micro_batches for i in order[part * micro : (part + 1) * micro])
+
+
+def _report_bad_step(run: Run, step: int, bad: BadStep, examples: list[int], in_a_row: int) -> None:
+    limit = run.config.max_bad_steps
+    rows = [getattr(run.train_examples[i], "row", None) for i in examples]
+    if all(row is not None for row in rows):
+        what, numbers = "data.train rows", sorted(rows)
+    else:
+        what, numbers = "training examples (0-based, among the rows kept from data.train)", examples
+    shown = ", ".join(map(str, numbers[:16])) + (", …" if len(numbers) > 16 else "")
+    where = f"{what}: {shown}"
+    if limit and in_a_row >= limit:
+        newest = latest_checkpoint(run.output_dir)
+        kept = f"the newest checkpoint, {newest}, is intact" if newest else "no checkpoint yet"
+        raise TrainingError(
+            f"step {step}: {in_a_row} steps in a row with a {bad.reason} "
+            f"(train.max_bad_steps={limit}); stopped, {kept}; {where}"
+        )
+    run.accelerator.print(
+        f"step {step}: {bad.reason}; update skipped ({in_a_row} in a row, stopping at "
+        f"train.max_bad_steps={limit or 'never'}); {where}"
+    )
 
 
 def _check_same_run(saved: dict[str, Any], current: dict[str, Any], output_dir: Path) -> None:
@@ -150,14 +225,17 @@ def _optimizer_step(
     acc: Accelerator,
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
-) -> dict[str, float]:
-    """Accumulate over ``batches`` so the gradient is that of the mean over the global batch."""
+) -> tuple[dict[str, float], BadStep | None]:
+    """Accumulate over ``batches`` so the gradient is that of the mean over the global batch,
+    then update, unless some process saw a non-finite loss or the gradient is not finite: then
+    the gradient is dropped and the weights and optimizer state stay as they were."""
     local_weight = sum(objective.weight(batch) for batch in batches)
     total_weight = acc.reduce(torch.tensor(float(local_weight), device=acc.device), "sum")
     # Each process's gradients are averaged by the engine, hence the factor num_processes.
     scale = acc.num_processes / total_weight.item()
     sums: Metrics = {}
     tokens = 0
+    finite = []
     for index, batch in enumerate(batches):
         batch = {key: value.to(acc.device) for key, value in batch.items()}
         sync = index == len(batches) - 1
@@ -165,15 +243,44 @@ def _optimizer_step(
             with acc.autocast():
                 loss_sum, metrics = objective.compute(model, batch)
             acc.backward(loss_sum * scale)
+        finite.append(torch.isfinite(loss_sum.detach()))
         _accumulate(sums, metrics)
         tokens += real_tokens(batch)
     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-    optimizer.step()
+    counts, bad = _step_health(finite, float(grad_norm), tokens, acc)
+    if bad is None:
+        optimizer.step()
+    elif acc.scaler is not None:
+        acc.scaler.update()  # the loss scaler expects an update after unscaling
     optimizer.zero_grad(set_to_none=True)
     stats = _reduce(sums, acc)
     stats["grad_norm"] = float(grad_norm)
-    stats["tokens"] = float(acc.reduce(torch.tensor(tokens, device=acc.device), "sum"))
-    return stats
+    stats["tokens"] = float(counts)
+    return stats, bad
+
+
+def _step_health(
+    finite: list[torch.Tensor], grad_norm: float, tokens: int, acc: Accelerator
+) -> tuple[int, BadStep | None]:
+    """The step's token count and, if its update must be skipped, why.
+
+    One reduction tells every process which micro-batches of every process had a non-finite
+    loss, so all of them skip the same updates. Under a loss scaler (float16), a non-finite
+    gradient with finite losses is the scaler's to handle: it skips that update itself.
+    """
+    per_process = len(finite)
+    slots = torch.zeros(2 + acc.num_processes * per_process, dtype=torch.long, device=acc.device)
+    slots[0] = tokens
+    slots[1] = int(not math.isfinite(grad_norm) and acc.scaler is None)
+    start = 2 + acc.process_index * per_process
+    slots[start : start + per_process] = (~torch.stack(finite)).long()
+    slots = acc.reduce(slots, "sum").tolist()
+    losses = [index for index, flag in enumerate(slots[2:]) if flag]
+    if losses:
+        return slots[0], BadStep("non-finite loss", losses)
+    if slots[1]:
+        return slots[0], BadStep("non-finite gradient", [])
+    return slots[0], None
 
 
 @torch.no_grad()

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from preftune.errors import TrainingError
+
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins")
 
 
 class MetricsLog:
-    """Writes on the main process only; on resume, forgets records after the resumed step."""
+    """Writes on the main process only; on resume, forgets records after the resumed step.
+
+    Each record is one JSON line appended whole; a non-finite value is written as ``null``.
+    """
 
     def __init__(
         self, output_dir: str | Path, total_steps: int, start_step: int, enabled: bool, desc: str
@@ -46,7 +53,7 @@ class MetricsLog:
         self._remember(step, record)
         if self.enabled:
             with self.path.open("a") as handle:
-                handle.write(json.dumps({"step": step, **record}) + "\n")
+                handle.write(json.dumps({"step": step, **_finite(record)}) + "\n")
             for key, value in record.items():
                 self.writer.add_scalar(key, value, step)
             shown = {k.removeprefix("rewards/"): f"{record[k]:.4g}" for k in SHOWN if k in record}
@@ -68,12 +75,34 @@ class MetricsLog:
         self.latest |= record
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to ``step``, rewriting the file atomically.
+
+        A process killed while appending leaves a partial last line, which is dropped; any other
+        line that is not JSON means the file is damaged, and is an error rather than a guess.
+        """
         if not self.path.exists():
             return
+        lines = self.path.read_text().splitlines()
         kept = []
-        for line in self.path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {"step": step + 1}
-            if record["step"] <= step:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step_of_record = record["step"]
+            except (ValueError, TypeError, KeyError):
+                if number == len(lines):
+                    break
+                damaged = f"{self.path}: line {number} is not a metrics record"
+                raise TrainingError(f"{damaged}; move the file away to resume") from None
+            if step_of_record <= step:
                 kept.append(line)
                 self._remember(record.pop("step"), record)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, self.path)
+
+
+def _finite(record: dict[str, float]) -> dict[str, float | None]:
+    """Strict JSON has no NaN or infinity: such values are written as ``null``."""
+    return {key: value if math.isfinite(value) else None for key, value in record.items()}

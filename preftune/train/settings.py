@@ -27,3 +27,7 @@ class TrainConfig:
     eval_every: int = option(0, "evaluate every N steps (0: only at the end); needs data.eval")
     save_every: int = option(500, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "keep only the newest N checkpoints (0: keep all)")
+    max_bad_steps: int = option(
+        3,
+        "a step with a non-finite loss or gradient is skipped; stop after N in a row (0: never)",
+    )

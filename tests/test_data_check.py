@@ -1,0 +1,145 @@
+"""``preftune data check``: a summary of what training would read, and every problem, one line
+each, with a non-zero exit status when there are any."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from preftune.cli import main
+from preftune.data.check import describe_skipped, percentiles
+from preftune.data.encode import tokenize_pairs
+from preftune.data.formats import load_pairs
+from preftune.errors import DataError
+from preftune.models.tiny import build_tokenizer
+from tests.conftest import SAMPLE_EVAL, SAMPLE_SFT, SAMPLE_TRAIN, run_cli, write_jsonl
+
+GOOD = {"prompt": "What is 1 plus 1?\n", "chosen": "It is 2.", "rejected": "No idea."}
+
+
+def check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
+    status = main(["data", "check", *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.splitlines()
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    assert percentiles(list(range(1, 101))) == [50, 90, 99, 100]
+    assert percentiles([7]) == [7, 7, 7, 7]
+    assert percentiles([5, 1, 3]) == [3, 5, 5, 5]
+
+
+def test_clean_file_summary_matches_what_training_reads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, out, err = check(capsys, str(SAMPLE_TRAIN), "data.max_length=40")
+    assert (status, err) == (0, [])
+    lines = out.splitlines()
+    assert lines[0] == f"{SAMPLE_TRAIN}: 256 rows of preference pairs, layout standard"
+    tokenized = tokenize_pairs(load_pairs(str(SAMPLE_TRAIN))[0], build_tokenizer())
+    chosen = percentiles([len(t.responses[0]) for t in tokenized])
+    assert lines[3].split() == ["chosen", *map(str, chosen)]
+    too_long = sum(len(t.prompt) + max(map(len, t.responses)) > 40 for t in tokenized)
+    assert 0 < too_long < 256
+    assert (
+        "fitted to data.max_length=40, data.max_prompt_length=256 (keep_end): 256 rows: "
+        f"0 prompts truncated, {too_long} responses truncated, 0 dropped"
+    ) in out
+    assert "duplicated pairs: 13 (row 63 repeats row 54;" in out
+    assert "chosen identical to rejected: 0\n" in out
+    assert "rows with problems: 0" in out
+
+
+def test_every_problem_is_one_line_and_the_status_is_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "pairs.jsonl"
+    lines = [
+        json.dumps(GOOD),
+        json.dumps({**GOOD, "chosen": ""}),
+        "{broken",
+        json.dumps({**GOOD, "rejected": GOOD["chosen"]}),
+        json.dumps({**GOOD, "rejected": 3}),
+        json.dumps(GOOD),
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    status, out, err = check(capsys, str(data))
+    assert status == 1
+    assert err == [
+        f"preftune: error: {data}: row 2: field 'chosen': empty response",
+        f"preftune: error: {data}: row 3: invalid JSON: Expecting property name enclosed in "
+        "double quotes at column 2",
+        f"preftune: error: {data}: row 5: field 'rejected': expected a string, got int",
+    ]
+    assert f"{data}: 6 rows of preference pairs, layout standard" in out
+    assert "duplicated pairs: 1 (row 6 repeats row 1)" in out
+    assert "chosen identical to rejected: 1 (row 4)" in out
+    assert "rows with problems: 3 (one line each, on stderr)" in out
+
+
+def test_sft_layout_is_detected(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = check(capsys, str(SAMPLE_SFT))
+    assert status == 0
+    assert out.splitlines()[0] == f"{SAMPLE_SFT}: 256 rows of demonstrations, layout messages"
+    assert "completion" in out and "chosen" not in out
+
+
+def test_kind_forces_how_rows_are_read(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = check(capsys, "--kind", "sft", str(SAMPLE_TRAIN))
+    assert status == 1
+    assert err[0] == (
+        f"preftune: error: {SAMPLE_TRAIN}: row 1: field 'completion': missing; demos need prompt "
+        "and completion, or messages (columns: prompt, chosen, rejected)"
+    )
+    assert len(err) == 256
+
+
+def test_without_paths_the_config_datasets_are_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny\ndata:\n  train: {SAMPLE_TRAIN}\n  eval: {SAMPLE_EVAL}\n")
+    status, out, _ = check(capsys, "--config", str(config), "data.max_prompt_length=8")
+    assert status == 0
+    assert f"{SAMPLE_TRAIN}: 256 rows" in out and f"{SAMPLE_EVAL}: 64 rows" in out
+    assert out.count("data.max_prompt_length=8 (keep_end): ") == 2
+
+
+def test_unreadable_file_is_one_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = check(capsys, str(tmp_path / "missing.jsonl"))
+    assert (status, out, err) == (
+        1,
+        "",
+        [f"preftune: error: {tmp_path / 'missing.jsonl'}: no such file"],
+    )
+
+
+def test_config_mistake_is_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = check(capsys, str(SAMPLE_TRAIN), "data.max_lenght=3")
+    assert status == 2
+    assert err == ["preftune: error: unknown config key 'data.max_lenght'; did you mean "
+                   "'data.max_length'?"]  # fmt: skip
+
+
+def test_skipped_rows_are_grouped_by_reason() -> None:
+    skipped = [
+        DataError("d.jsonl", "invalid JSON: Expecting value at column 1", row=4),
+        DataError("d.jsonl", "empty response", row=5, field="chosen"),
+        DataError("d.jsonl", "invalid JSON: Unterminated string at column 9", row=9),
+    ]
+    assert describe_skipped("d.jsonl", skipped) == (
+        "d.jsonl: skipped 3 malformed rows (data.on_error=skip): 2 × invalid JSON (rows 4, 9); "
+        "1 × field 'chosen': empty response (row 5)"
+    )
+
+
+def test_command_line_prints_no_traceback(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "p.jsonl", [GOOD, {"prompt": "a", "chosen": [], "rejected": "b"}])
+    result = run_cli("data", "check", str(data))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"preftune: error: {data}: row 2: field 'chosen': expected a string, got list"
+    ]
