@@ -1,7 +1,7 @@
 """preftune against TRL's DPOTrainer on the same model, data, tokens, batch size and steps.
 
-    python bench/compare_trl.py                 # 3 rounds on CPU, ~20 minutes on 2 cores
-    python bench/compare_trl.py --rounds 1 --steps 4
+    python bench/compare_trl.py                       # 3 rounds on CPU, ~20 minutes on 2 cores
+    python bench/compare_trl.py --rounds 1 --pairs 16   # a quick look
 
 Builds one Llama-architecture model from a config (no download) and one synthetic preference
 set with long prompts (prompt about twice the response, lengths varying), then runs each
