@@ -8,13 +8,26 @@ import sys
 from collections.abc import Callable
 
 from preftune import __version__
-from preftune.config import DPOConfig, SFTConfig, describe, load_config
+from preftune.config import (
+    DPOConfig,
+    KTOConfig,
+    RMConfig,
+    SFTConfig,
+    SPINConfig,
+    describe,
+    load_config,
+)
 from preftune.demo.settings import DemoConfig
 from preftune.errors import PreftuneError
+from preftune.models.reward_settings import ScoreConfig
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "dpo": (DPOConfig, "align a model to preference pairs (DPO, IPO, SLiC, …)"),
     "sft": (SFTConfig, "supervised fine-tuning on prompt/completion or messages rows"),
+    "kto": (KTOConfig, "align a model to completions judged desirable or not (KTO)"),
+    "spin": (SPINConfig, "self-play fine-tuning: SFT data against the model's own completions"),
+    "rm": (RMConfig, "train a reward model on pairs (Bradley–Terry) or rankings (Plackett–Luce)"),
+    "score": (ScoreConfig, "score prompt/completion rows or pairs with a trained reward model"),
     "demo": (DemoConfig, "the DPO paper's controlled-sentiment experiment, offline, in minutes"),
 }
 DATA_CHECK = "read datasets exactly as training would: every bad row, token lengths, duplicates"
@@ -79,8 +92,18 @@ def _runner(command: str) -> Callable:
     # Imported lazily so that --help answers without loading torch and transformers.
     from preftune import commands
     from preftune.demo.pipeline import run_demo
+    from preftune.scoring import run_score
+    from preftune.spin.pipeline import run_spin
 
-    return {"dpo": commands.run_dpo, "sft": commands.run_sft, "demo": run_demo}[command]
+    return {
+        "dpo": commands.run_dpo,
+        "sft": commands.run_sft,
+        "kto": commands.run_kto,
+        "spin": run_spin,
+        "rm": commands.run_rm,
+        "score": run_score,
+        "demo": run_demo,
+    }[command]
 
 
 def main(argv: list[str] | None = None) -> int:

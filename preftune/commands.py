@@ -12,10 +12,12 @@ import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 
-from preftune.config import DPOConfig, SFTConfig, flatten, to_dict
+from preftune.config import DPOConfig, KTOConfig, RMConfig, SFTConfig, flatten, to_dict
 from preftune.data.check import Budget, check_dataset, describe_skipped
+from preftune.data.comparisons import encode_comparisons, load_comparisons
 from preftune.data.encode import TruncationReport, encode_demos, encode_pairs
 from preftune.data.formats import load_demos, load_pairs
+from preftune.data.unpaired import encode_rated, label_counts, load_rated
 from preftune.errors import ConfigError, DataError
 from preftune.losses import combined_loss
 from preftune.models.load import ModelSpec, load_model, load_tokenizer, resolve_dtype
@@ -23,6 +25,8 @@ from preftune.models.lora import apply_lora, is_lora, save_merged
 from preftune.models.refcache import ReferencePass, cache_key, cache_root, model_digest
 from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.objectives.dpo import PairedObjective
+from preftune.objectives.kto import KTOObjective, balance_warning
+from preftune.objectives.reward import RewardObjective
 from preftune.objectives.sft import SFTObjective
 from preftune.train.card import write_model_card
 from preftune.train.loop import Run, micro_batch_size, train
@@ -31,14 +35,24 @@ MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def run_dpo(cfg: DPOConfig) -> dict[str, float]:
-    # LossConfig has checked the loss names, weights and label smoothing when it was built.
-    spec = combined_loss(cfg.loss.type, cfg.loss.weights)
     acc = _accelerator(cfg)
     tokenizer = load_tokenizer(_model_spec(cfg))
     train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_pairs, encode_pairs)
     eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_pairs, encode_pairs)
     model = load_model(_model_spec(cfg), tokenizer)
-    objective = PairedObjective(cfg.loss, None, tokenizer.pad_token_id, cfg.speed)
+    model, objective, train_set, eval_set = setup_paired(
+        cfg, acc, model, tokenizer.pad_token_id, train_set, eval_set
+    )
+    return _train_and_save(cfg, "dpo", acc, model, tokenizer, objective, train_set, eval_set)
+
+
+def setup_paired(cfg: DPOConfig, acc, model, pad_id, train_set, eval_set):
+    """The paired objective of ``cfg.loss`` for ``model``, whose weights as given are the
+    reference: returns the policy (with LoRA adapters when ``lora.r`` is set), the objective
+    and the two datasets, which carry their reference log-probs when those are cached."""
+    # LossConfig has checked the loss names, weights and label smoothing when it was built.
+    spec = combined_loss(cfg.loss.type, cfg.loss.weights)
+    objective = PairedObjective(cfg.loss, None, pad_id, cfg.speed)
     needs_reference = spec.needs_reference and not cfg.loss.reference_free
     cached = needs_reference and cfg.speed.reference_cache
     base_hash = model_digest(model) if cached else ""
@@ -64,7 +78,7 @@ def run_dpo(cfg: DPOConfig) -> dict[str, float]:
         objective.reference = AdapterDisabled(model, objective.score)
     elif needs_reference:
         objective.reference = FrozenCopy(model, acc.device, objective.score)
-    return _train_and_save(cfg, "dpo", acc, model, tokenizer, objective, train_set, eval_set)
+    return model, objective, train_set, eval_set
 
 
 def _reference_score(model, score):
@@ -87,6 +101,44 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
     model = load_model(_model_spec(cfg), tokenizer)
     objective = SFTObjective(tokenizer.pad_token_id)
     return _train_and_save(cfg, "sft", acc, model, tokenizer, objective, train_set, eval_set)
+
+
+def run_rm(cfg: RMConfig) -> dict[str, float]:
+    acc = _accelerator(cfg)
+    tokenizer = load_tokenizer(_model_spec(cfg))
+    load, encode = load_comparisons, encode_comparisons
+    train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load, encode)
+    eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load, encode)
+    model = load_model(_model_spec(cfg), tokenizer, reward=True)
+    objective = RewardObjective(tokenizer.pad_token_id)
+    return _train_and_save(cfg, "rm", acc, model, tokenizer, objective, train_set, eval_set)
+
+
+def run_kto(cfg: KTOConfig) -> dict[str, float]:
+    acc = _accelerator(cfg)
+    tokenizer = load_tokenizer(_model_spec(cfg))
+    train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_rated, encode_rated)
+    eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_rated, encode_rated)
+    for source, examples in ((cfg.data.train, train_set), (cfg.data.eval, eval_set)):
+        if examples is not None:
+            desirable, undesirable = label_counts(examples)
+            acc.print(f"{source}: {desirable} desirable, {undesirable} undesirable completions")
+    warning = balance_warning(*label_counts(train_set), cfg.kto)
+    if warning:
+        acc.print(warning)
+    if micro_batch_size(cfg.train, acc.num_processes) < 2:
+        acc.print(
+            "warning: with micro-batches of one example, the KL estimate scores each completion "
+            "after its own prompt; raise train.micro_batch_size to mismatch them"
+        )
+    model = load_model(_model_spec(cfg), tokenizer)
+    if cfg.lora.r > 0:
+        model = apply_lora(model, cfg.lora)
+    # The reference runs on every step: its log-probs of the mismatched pairs depend on which
+    # examples share a micro-batch, so they cannot be computed once ahead.
+    reference = AdapterDisabled(model) if is_lora(model) else FrozenCopy(model, acc.device)
+    objective = KTOObjective(cfg.kto, reference, tokenizer.pad_token_id)
+    return _train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def _accelerator(cfg: SFTConfig) -> Accelerator:
@@ -169,7 +221,11 @@ def run_data_check(cfg: SFTConfig, specs: list[str], kind: str) -> int:
     return 1 if found else 0
 
 
-def _train_and_save(cfg, command, acc, model, tokenizer, objective, train_set, eval_set):
+def _train_and_save(
+    cfg, command, acc, model, tokenizer, objective, train_set, eval_set, finish: bool = True
+):
+    """Train, then save the model, tokenizer and card to ``cfg.output_dir``; ``finish=False``
+    leaves the accelerator's processes joined for another run."""
     output_dir = Path(cfg.output_dir)
     config = to_dict(cfg)
     if acc.is_main_process:
@@ -186,5 +242,6 @@ def _train_and_save(cfg, command, acc, model, tokenizer, objective, train_set, e
         write_model_card(output_dir, command, cfg.model.path, config, metrics)
         acc.print(f"saved the {command} model to {output_dir}")
     acc.wait_for_everyone()
-    acc.end_training()
+    if finish:
+        acc.end_training()
     return metrics

@@ -20,8 +20,10 @@ from preftune.data.settings import DataConfig
 from preftune.errors import ConfigError
 from preftune.fields import option
 from preftune.models.settings import LoraSettings, ModelConfig
+from preftune.objectives.kto_settings import KTOSettings
 from preftune.objectives.settings import LossConfig
 from preftune.objectives.speed import SpeedConfig
+from preftune.spin.settings import SPINSettings
 from preftune.train.settings import TrainConfig
 
 
@@ -39,6 +41,22 @@ class DPOConfig(SFTConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+
+@dataclass
+class SPINConfig(DPOConfig):
+    spin: SPINSettings = field(default_factory=SPINSettings)
+
+
+@dataclass
+class KTOConfig(SFTConfig):
+    kto: KTOSettings = field(default_factory=KTOSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class RMConfig(SFTConfig):
+    """``preftune rm``: the keys of ``sft``; the model gets a one-output score head."""
 
 
 # A section given as a plain value sets this key, e.g. ``model: tiny`` is ``model.path: tiny``.

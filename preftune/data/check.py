@@ -12,13 +12,13 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
 from preftune.data.encode import Tokenized, check_budget, fit, tokenize_demos, tokenize_pairs
 from preftune.data.formats import load_records
-from preftune.data.records import Demo, Pair
+from preftune.data.records import Demo, Pair, Ranked, preferences, tied_pairs
 from preftune.errors import DataError
 
 PERCENTILES = (50, 90, 99)
@@ -70,20 +70,43 @@ def check_dataset(
         tokenized = tokenize_demos(records, tokenizer, spec, problems)
         names = ("prompt", "completion")
     what = "preference pairs" if kind == "pairs" else "demonstrations"
+    noun = "pairs" if kind == "pairs" else "demonstrations"
+    table = tokenized
+    if layout == "ranked":
+        # Rows rank different numbers of responses: one column for the longest of each.
+        table = [replace(e, responses=[max(e.responses, key=len)]) for e in tokenized]
+        names = ("prompt", "longest response")
+        what, noun = "ranked responses", "rows"
     summary = [f"{spec}: {rows} rows of {what}, layout {layout}"]
     if tokenized:
-        summary += length_table(tokenized, names)
+        summary += length_table(table, names)
         _, report = fit(tokenized, budget.max_length, budget.max_prompt_length, budget.truncation)
         summary.append(f"  fitted to {budget.describe()}: {report.summary()}")
-    noun = "pairs" if kind == "pairs" else "demonstrations"
     summary.append(f"  duplicated {noun}: {describe_duplicates(duplicates(records))}")
-    if kind == "pairs":
+    if layout == "ranked":
+        summary += ranked_summary(records)
+    elif kind == "pairs":
         same = [pair.row for pair in records if pair.chosen == pair.rejected]
         summary.append(f"  chosen identical to rejected: {describe_rows(same)}")
     problems.sort(key=lambda problem: problem.row or 0)
     listed = " (one line each, on stderr)" if problems else ""
     summary.append(f"  rows with problems: {len(problems)}{listed}")
     return DataCheck(summary, problems)
+
+
+def ranked_summary(records: Sequence[Ranked]) -> list[str]:
+    """The pairs ranked rows expand into, and the rows that rank a response above itself."""
+    ordered = [preferences(record.ranking) for record in records]
+    tied = sum(tied_pairs(record.ranking) for record in records)
+    same = [
+        record.row
+        for record, pairs in zip(records, ordered, strict=True)
+        if any(record.responses[i] == record.responses[j] for i, j in pairs)
+    ]
+    return [
+        f"  expands into {sum(map(len, ordered))} pairs ({tied} pairs of tied responses give none)",
+        f"  a response identical to one ranked below it: {describe_rows(same)}",
+    ]
 
 
 def length_table(tokenized: Sequence[Tokenized], names: Sequence[str]) -> list[str]:
@@ -123,9 +146,11 @@ def duplicates(records: Sequence[Pair] | Sequence[Demo]) -> list[tuple[int | Non
     return repeats
 
 
-def _value(record: Pair | Demo) -> list:
+def _value(record: Pair | Ranked | Demo) -> list:
     if isinstance(record, Pair):
         return [record.prompt, record.chosen, record.rejected]
+    if isinstance(record, Ranked):
+        return [record.prompt, list(record.responses), list(record.ranking)]
     return [record.prompt, record.completion]
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from preftune.data.encode import EncodedDemo, EncodedPair
+from preftune.data.unpaired import EncodedRated
 
 IGNORE_INDEX = -100
 
@@ -33,6 +34,26 @@ def reference_logps(examples: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
     chosen = [example.reference_logps[0] for example in examples]
     rejected = [example.reference_logps[1] for example in examples]
     return {"reference_logps": torch.tensor([*chosen, *rejected], dtype=torch.float32)}
+
+
+def collate_rated(examples: Sequence[EncodedRated], pad_id: int) -> dict[str, torch.Tensor]:
+    """A KTO batch of ``B`` judged completions, and the same completions after mismatched prompts.
+
+    ``input_ids``, ``attention_mask``, ``labels`` (B, L): each prompt + completion;
+    ``kl_input_ids``, ``kl_attention_mask``, ``kl_labels`` (B, L'): completion i after prompt
+    (i + 1) mod B, from which KTO estimates its KL reference point; ``desirable`` (B,) bool;
+    ``num_tokens`` (1,): the tokens of both.
+    """
+    count = len(examples)
+    matched = _pad([(example.prompt_ids, example.completion_ids) for example in examples], pad_id)
+    shifted = [
+        (examples[(index + 1) % count].prompt_ids, example.completion_ids)
+        for index, example in enumerate(examples)
+    ]
+    mismatched = {f"kl_{key}": value for key, value in _pad(shifted, pad_id).items()}
+    desirable = torch.tensor([example.desirable for example in examples], dtype=torch.bool)
+    tokens = matched["attention_mask"].sum() + mismatched["kl_attention_mask"].sum()
+    return matched | mismatched | {"desirable": desirable, "num_tokens": tokens.view(1)}
 
 
 def collate_demos(examples: Sequence[EncodedDemo], pad_id: int) -> dict[str, torch.Tensor]:

@@ -8,15 +8,16 @@ the response tokens a loss is taken over are the same for chosen and rejected.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.data.records import Demo, Message, Pair, Text
+from preftune.data.records import Demo, Message, Pair, Ranked, Text, preferences, tied_pairs
 from preftune.data.sources import keep_or_raise
 from preftune.errors import ConfigError, DataError, PreftuneError
 
 TRUNCATIONS = ("keep_end", "keep_start")
+Record = Pair | Ranked | Demo
 
 
 @dataclass
@@ -73,21 +74,38 @@ class TruncationReport:
         return text
 
 
+@dataclass
+class ExpansionReport(TruncationReport):
+    """A truncation report of ranked rows, with the pairs they were expanded into and the pairs
+    of tied responses, which give none."""
+
+    pairs: int = 0
+    tied: int = 0
+
+    def summary(self) -> str:
+        text = f"{super().summary()}; expanded into {_count(self.pairs, 'pair')}"
+        if self.tied:
+            text += f" ({_count(self.tied, 'pair')} of tied responses give none)"
+        return text
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 @dataclass
 class Tokenized:
-    """Untruncated ids of one example: its prompt and each response, and its source row."""
+    """Untruncated ids of one example: its prompt and each response, its source row, and the
+    record it was tokenized from."""
 
     prompt: list[int]
     responses: list[list[int]]
     row: int | None
+    record: Record | None = field(default=None, compare=False, repr=False)
 
 
 def encode_pairs(
-    pairs: Sequence[Pair],
+    pairs: Sequence[Pair] | Sequence[Ranked],
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     max_prompt_length: int | None,
@@ -103,11 +121,25 @@ def encode_pairs(
     row whose prompt alone fills ``max_length`` is dropped. The report counts all three.
     ``source`` names the data in errors; with ``skipped``, a row the chat template cannot
     render is collected there and left out instead of raised.
+
+    A :class:`Ranked` record becomes one pair for each two responses its ranking orders, better
+    one chosen. Its prompt and each response are tokenized and fitted once, and its pairs share
+    the prompt's id list; the report is then an :class:`ExpansionReport`.
     """
     check_budget(max_length, max_prompt_length, truncation)
     tokenized = tokenize_pairs(pairs, tokenizer, source, skipped)
     encoded, report = fit(tokenized, max_length, max_prompt_length, truncation)
-    return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in encoded], report
+    if not any(isinstance(record, Ranked) for record in pairs):
+        return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in encoded], report
+    expanded = [
+        EncodedPair(e.prompt, e.responses[better], e.responses[worse], row=e.row)
+        for e in encoded
+        for better, worse in preferences(e.record.ranking)
+    ]
+    identical = sum(pair.chosen_ids == pair.rejected_ids for pair in expanded)
+    tied = sum(tied_pairs(e.record.ranking) for e in encoded)
+    report = replace(report, identical=identical)
+    return expanded, ExpansionReport(**vars(report), pairs=len(expanded), tied=tied)
 
 
 def encode_demos(
@@ -128,13 +160,17 @@ def encode_demos(
 
 
 def tokenize_pairs(
-    pairs: Sequence[Pair],
+    pairs: Sequence[Pair] | Sequence[Ranked],
     tokenizer: PreTrainedTokenizerBase,
     source: str = "data",
     skipped: list[DataError] | None = None,
 ) -> list[Tokenized]:
-    """Untruncated ids of each pair's prompt, chosen and rejected responses."""
-    examples = [(pair.prompt, (pair.chosen, pair.rejected), pair.row) for pair in pairs]
+    """Untruncated ids of each pair's prompt, chosen and rejected responses, or of each ranked
+    record's prompt and responses."""
+    examples = [
+        (r.prompt, r.responses if isinstance(r, Ranked) else (r.chosen, r.rejected), r.row, r)
+        for r in pairs
+    ]
     return _tokenize(examples, tokenizer, source, skipped)
 
 
@@ -145,7 +181,7 @@ def tokenize_demos(
     skipped: list[DataError] | None = None,
 ) -> list[Tokenized]:
     """Untruncated ids of each demonstration's prompt and completion."""
-    examples = [(demo.prompt, (demo.completion,), demo.row) for demo in demos]
+    examples = [(demo.prompt, (demo.completion,), demo.row, demo) for demo in demos]
     return _tokenize(examples, tokenizer, source, skipped)
 
 
@@ -180,7 +216,7 @@ def fit(
         responses_cut += any(len(response) > room for response in responses)
         cut = [response[:room] for response in responses]
         identical += len(cut) > 1 and all(response == cut[0] for response in cut)
-        kept.append(Tokenized(prompt, cut, example.row))
+        kept.append(replace(example, prompt=prompt, responses=cut))
     report = TruncationReport(
         rows=len(examples),
         prompts_truncated=prompts_cut,
@@ -192,7 +228,7 @@ def fit(
     return kept, report
 
 
-Example = tuple[Text, tuple[Text, ...], int | None]
+Example = tuple[Text, tuple[Text, ...], int | None, Record]
 
 
 class _Unrenderable(Exception):
@@ -209,12 +245,12 @@ def _tokenize(
     if tokenizer.eos_token_id is None:
         raise PreftuneError("the tokenizer has no EOS token; responses need one to end on")
     rendered = []
-    for index, (prompt, responses, row) in enumerate(examples):
+    for index, (prompt, responses, row, record) in enumerate(examples):
         try:
-            rendered.append((*_render(prompt, responses, tokenizer), row))
+            rendered.append((*_render(prompt, responses, tokenizer), row, record))
         except _Unrenderable as error:
             keep_or_raise(_render_error(source, row, index, str(error)), skipped)
-    chats = [chat for _, _, chat, _ in rendered]
+    chats = [chat for _, _, chat, _, _ in rendered]
     # Plain prompts take the tokenizer's own special tokens (BOS); a chat template renders its own.
     prompt_ids: list[list[int]] = [[] for _ in rendered]
     for chat in (False, True):
@@ -222,17 +258,17 @@ def _tokenize(
         texts = [rendered[index][0] for index in indices]
         for index, ids in zip(indices, _ids(tokenizer, texts, not chat), strict=True):
             prompt_ids[index] = ids
-    response_texts = [text for _, responses, _, _ in rendered for text in responses]
+    response_texts = [text for _, responses, _, _, _ in rendered for text in responses]
     response_ids = iter(_ids(tokenizer, response_texts, False))
     eos = tokenizer.eos_token_id
     encoded = []
-    for prompt, (_, responses, chat, row) in zip(prompt_ids, rendered, strict=True):
+    for prompt, (_, responses, chat, row, record) in zip(prompt_ids, rendered, strict=True):
         finished = []
         for ids in (next(response_ids) for _ in responses):
             # A chat template's end-of-turn may already be the EOS; plain text ends on EOS.
             has_eos = eos in ids if chat else ids[-1:] == [eos]
             finished.append(ids if has_eos else [*ids, eos])
-        encoded.append(Tokenized(prompt, finished, row))
+        encoded.append(Tokenized(prompt, finished, row, record))
     return encoded
 
 

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from preftune.data.records import Demo, Message, Pair, Text
+from preftune.data.ranked import FIELDS as RANKED_FIELDS
+from preftune.data.ranked import read_ranked
+from preftune.data.records import Demo, Message, Pair, Ranked, Text
 from preftune.data.sources import Row, Rows, Skipped, keep_or_raise, read_rows
 from preftune.errors import DataError
 
@@ -25,6 +27,7 @@ PAIR_FIELDS = {
     "conversational": ("prompt", "chosen", "rejected"),
     "implicit": ("chosen", "rejected"),
     "hh": ("chosen", "rejected"),
+    "ranked": RANKED_FIELDS,
 }
 DEMO_FIELDS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
 _Detector = Callable[[str, int, Row], str]
@@ -36,8 +39,9 @@ def load_pairs(spec: str, split: str = "train", skipped: Skipped = None) -> tupl
 
     Layouts: ``standard`` (prompt/chosen/rejected strings), ``conversational`` (the same as
     message lists), ``implicit`` (chosen/rejected only; the prompt is their shared start) and
-    ``hh`` (Anthropic-HH transcripts; the prompt runs to the last ``"\\n\\nAssistant:"``).
-    Each pair carries its row number. With ``skipped``, bad rows are collected there.
+    ``hh`` (Anthropic-HH transcripts; the prompt runs to the last ``"\\n\\nAssistant:"``);
+    ``ranked`` rows (prompt, responses, and ranking or scores) become :class:`Ranked` records.
+    Each record carries its row number. With ``skipped``, bad rows are collected there.
     """
     return pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
 
@@ -56,8 +60,15 @@ def load_records(
     spec: str, split: str, kind: str, skipped: Skipped = None
 ) -> tuple[list[Pair] | list[Demo], str, str]:
     """Pairs or demonstrations, the layout, and the kind (``pairs``/``sft``); ``kind="auto"``
-    reads pairs when the first row with any known layout has ``chosen`` and ``rejected``."""
-    rows = read_rows(spec, split, skipped)
+    reads pairs when the first row with any known layout has ``chosen`` and ``rejected`` (or
+    ``responses``)."""
+    return records_from_rows(spec, read_rows(spec, split, skipped), kind, skipped)
+
+
+def records_from_rows(
+    spec: str, rows: Rows, kind: str, skipped: Skipped = None
+) -> tuple[list[Pair] | list[Ranked] | list[Demo], str, str]:
+    """Records from rows already read (see ``load_records``)."""
     if kind == "auto":
         kind = "pairs" if _first_kind(rows) == "pairs" else "sft"
     convert = pairs_from_rows if kind == "pairs" else demos_from_rows
@@ -67,14 +78,16 @@ def load_records(
 
 def _first_kind(rows: Rows) -> str:
     for _, row in rows:
-        if _present(row, "chosen") and _present(row, "rejected"):
+        if (_present(row, "chosen") and _present(row, "rejected")) or _present(row, "responses"):
             return "pairs"
         if _present(row, "messages") or _present(row, "completion"):
             return "sft"
     return "pairs"
 
 
-def pairs_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[list[Pair], str]:
+def pairs_from_rows(
+    spec: str, rows: Rows, skipped: Skipped = None
+) -> tuple[list[Pair] | list[Ranked], str]:
     """Pairs from rows already read (see ``load_pairs``)."""
     layout, first = _layout(spec, rows, _pair_layout, skipped)
     if first == len(rows):
@@ -136,6 +149,8 @@ def _present(row: Row, field: str) -> bool:
 
 
 def _pair_layout(spec: str, number: int, row: Row) -> str:
+    if _present(row, "responses"):
+        return "ranked"
     for field in ("chosen", "rejected"):
         if not _present(row, field):
             columns = ", ".join(row) or "none"
@@ -303,6 +318,7 @@ _PAIR_READERS = {
     "conversational": _conversational,
     "implicit": _implicit_text,
     "hh": _hh,
+    "ranked": read_ranked,
 }
 
 

@@ -24,6 +24,18 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class Rated:
+    """One judged completion, unpaired (KTO): ``completion`` as a reply to ``prompt`` is
+    desirable (``label`` true) or undesirable."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    row: int | None = field(default=None, compare=False)
+    """The 1-based row of the source it was read from, for messages; not part of its value."""
+
+
+@dataclass(frozen=True)
 class Demo:
     """One demonstration for supervised fine-tuning: ``completion`` answers ``prompt``."""
 
@@ -31,3 +43,39 @@ class Demo:
     completion: Text
     row: int | None = field(default=None, compare=False)
     """The 1-based row of the source it was read from, for messages; not part of its value."""
+
+
+Ranking = tuple[tuple[int, ...], ...]
+"""Indices of responses, best place first; the responses sharing a place are tied."""
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Several replies to ``prompt``, ordered by ``ranking`` (indices into ``responses``).
+
+    A ``ranking`` column gives one response per place; ``scores`` put responses with equal
+    scores at the same place, where they are tied and form no pair.
+    """
+
+    prompt: Text
+    responses: tuple[Text, ...]
+    ranking: Ranking
+    row: int | None = field(default=None, compare=False)
+    """The 1-based row of the source it was read from, for messages; not part of its value."""
+
+
+def preferences(ranking: Ranking) -> list[tuple[int, int]]:
+    """Every ``(better, worse)`` pair of response indices that ``ranking`` orders, best first:
+    the pairs of the top place with each later place, then the second place's, and so on."""
+    return [
+        (better, worse)
+        for place, tier in enumerate(ranking)
+        for better in tier
+        for later in ranking[place + 1 :]
+        for worse in later
+    ]
+
+
+def tied_pairs(ranking: Ranking) -> int:
+    """How many pairs of responses ``ranking`` leaves unordered: those sharing a place."""
+    return sum(len(tier) * (len(tier) - 1) // 2 for tier in ranking)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +23,30 @@ class Completion:
     text: str
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Sampling:
+    """How to continue a prompt: up to ``max_new_tokens`` tokens, sampled at ``temperature``
+    from the smallest set of tokens holding ``top_p`` of the probability (nucleus sampling),
+    or, without ``do_sample``, the most likely token each time."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    do_sample: bool = True
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if not self.do_sample:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        # top_k=0: no top-k cut, whatever the model's generation config says.
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_k": 0,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
 def sample(
     model: torch.nn.Module,
     tokenizer,
@@ -38,38 +62,54 @@ def sample(
 
     ``desc`` shows a progress bar with that label.
     """
+    jobs = [prompt for prompt in prompts for _ in range(num_samples)]
+    encoded = [tokenizer(prompt).input_ids for prompt in jobs]
+    settings = Sampling(max_new_tokens, temperature)
+    generated = generate_ids(model, encoded, tokenizer, settings, batch_size, seed, desc)
+    return [
+        Completion(prompt, ids, new, tokenizer.decode(new, skip_special_tokens=True))
+        for prompt, ids, new in zip(jobs, encoded, generated, strict=True)
+    ]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    tokenizer,
+    settings: Sampling,
+    batch_size: int = 64,
+    seed: int = 0,
+    desc: str | None = None,
+) -> list[list[int]]:
+    """The continuation of each prompt's token ids, ending with EOS if the model stopped.
+
+    Prompts go ``batch_size`` at a time, left-padded; the global random state is seeded with
+    ``seed`` for the call and restored after it. ``desc`` shows a progress bar with that label.
+    """
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    jobs = [prompt for prompt in prompts for _ in range(num_samples)]
     device = next(model.parameters()).device
-    out: list[Completion] = []
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out: list[list[int]] = []
     try:
-        starts = range(0, len(jobs), batch_size)
+        starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc=desc, disable=desc is None, dynamic_ncols=True):
-            chunk = jobs[start : start + batch_size]
-            encoded = [tokenizer(prompt).input_ids for prompt in chunk]
-            width = max(len(ids) for ids in encoded)
-            pad = tokenizer.pad_token_id
+            chunk = prompts[start : start + batch_size]
+            width = max(len(ids) for ids in chunk)
             # Left padding keeps every prompt's last token at the same position for generate.
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
-            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=eos,
                 pad_token_id=pad,
+                **settings.generate_kwargs(),
             )[:, width:].tolist()
-            for prompt, ids, new in zip(chunk, encoded, generated, strict=True):
-                completion = _until_eos(new, tokenizer.eos_token_id)
-                text = tokenizer.decode(completion, skip_special_tokens=True)
-                out.append(Completion(prompt, ids, completion, text))
+            out.extend(_until_eos(new, eos) for new in generated)
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)

@@ -6,10 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from preftune.errors import PreftuneError
-from preftune.models.tiny import build_model, build_tokenizer
+from preftune.models.tiny import build_model, build_reward_model, build_tokenizer
 
 TINY = "tiny"
 TINY_DEFAULTS = {"hidden_size": 64, "num_layers": 2, "num_heads": 4}
@@ -56,11 +61,17 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_model(spec: ModelSpec, tokenizer) -> PreTrainedModel:
-    """The policy in float32 (mixed precision is applied at compute time), in train mode."""
+def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedModel:
+    """The policy in float32 (mixed precision is applied at compute time), in train mode.
+
+    With ``reward``, the checkpoint as a reward model: its decoder under a one-output score head
+    (``AutoModelForSequenceClassification``, ``num_labels=1``; a new head on a causal LM), with
+    ``pad_token_id`` set on its config from the tokenizer where the checkpoint has none.
+    """
     sizes = {k: v for k, v in (spec.tiny_sizes or {}).items() if v is not None}
     if spec.path == TINY:
-        model = build_model(tokenizer, seed=spec.seed, **{**TINY_DEFAULTS, **sizes})
+        build = build_reward_model if reward else build_model
+        model = build(tokenizer, seed=spec.seed, **{**TINY_DEFAULTS, **sizes})
         if spec.attn_implementation is not None:
             model.set_attn_implementation(spec.attn_implementation)
     else:
@@ -69,15 +80,20 @@ def load_model(spec: ModelSpec, tokenizer) -> PreTrainedModel:
                 f"model.{next(iter(sizes))} sizes only the tiny preset; model.path is {spec.path}"
             )
         _check_local_path(spec.path)
+        auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+        head = {"num_labels": 1} if reward else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 spec.path,
                 dtype=torch.float32,
                 trust_remote_code=spec.trust_remote_code,
                 attn_implementation=spec.attn_implementation,
+                **head,
             )
         except (OSError, ValueError) as error:
             raise PreftuneError(f"cannot load model '{spec.path}': {_first_line(error)}") from None
+        if reward and model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
     if spec.disable_dropout:
         disable_dropout(model)
     if spec.gradient_checkpointing:

@@ -4,11 +4,18 @@ code with no download, deterministic from a seed. Tests and the demo run on it."
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
+M = TypeVar("M", LlamaForCausalLM, LlamaForSequenceClassification)
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
@@ -84,7 +91,30 @@ def build_model(
     max_positions: int = 1024,
 ) -> LlamaForCausalLM:
     """A freshly initialised Llama model sized by the arguments; weights depend only on ``seed``."""
-    config = LlamaConfig(
+    config = tiny_config(tokenizer, hidden_size, num_layers, num_heads, max_positions)
+    model = _seeded(seed, LlamaForCausalLM, config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_reward_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int, **sizes: int
+) -> LlamaForSequenceClassification:
+    """:func:`build_model`'s model (the same ``sizes``) with a one-output score head in place of
+    the language-model head: its decoder weights equal ``build_model``'s for the same seed."""
+    config = tiny_config(tokenizer, **sizes)
+    config.num_labels = 1
+    return _seeded(seed, LlamaForSequenceClassification, config)
+
+
+def tiny_config(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 1024,
+) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 8 // 3,
@@ -98,11 +128,13 @@ def build_model(
         tie_word_embeddings=True,
         attention_dropout=0.0,
     )
+
+
+def _seeded(seed: int, model_class: type[M], config: LlamaConfig) -> M:
+    """``model_class(config)`` initialised from ``seed``, leaving the global generator as it was."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = LlamaForCausalLM(config)
+        return model_class(config)
     finally:
         torch.random.set_rng_state(generator_state)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model

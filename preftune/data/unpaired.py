@@ -1,0 +1,144 @@
+"""Unpaired, judged completions (KTO): read them, or split preference pairs into them, and encode.
+
+A dataset is either unpaired, with ``prompt``, ``completion`` (strings or message lists) and a
+boolean ``label`` (true: desirable) on every row, or paired, in any layout ``load_pairs``
+accepts; then each pair becomes two rows: its chosen response desirable, its rejected one
+undesirable, both carrying the pair's source row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from preftune.data.encode import TruncationReport, encode_demos
+from preftune.data.formats import _Checker, _convert, _layout, _present, pairs_from_rows
+from preftune.data.records import Demo, Pair, Rated
+from preftune.data.sources import Row, Rows, Skipped, read_rows
+from preftune.errors import DataError
+
+UNPAIRED_FIELDS = {"unpaired": ("prompt", "completion", "label")}
+# CSV cells are text, so a label may also be written as the words true and false.
+LABEL_WORDS = {"true": True, "false": False}
+
+
+@dataclass
+class EncodedRated:
+    """Token ids of one judged completion; the sequence is ``prompt_ids + completion_ids``."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
+    row: int | None = field(default=None, compare=False)
+
+
+def load_rated(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Rated], str]:
+    """Judged completions from ``spec`` (see ``read_rows``) and the name of the layout.
+
+    The layout is read off the first row that has either ``label`` or ``chosen`` and
+    ``rejected``: ``unpaired`` rows are read as they are; pairs (any layout of ``load_pairs``)
+    are split by :func:`split_pairs`. With ``skipped``, bad rows are collected there.
+    """
+    rows = read_rows(spec, split, skipped)
+    if _paired(rows):
+        pairs, layout = pairs_from_rows(spec, rows, skipped)
+        layout = f"{layout} pairs, split into desirable (chosen) and undesirable (rejected)"
+        return split_pairs(pairs), layout
+    layout, first = _layout(spec, rows, _unpaired_layout, skipped)
+    if first == len(rows):
+        return [], layout
+    conversational = isinstance(rows[first][1]["prompt"], list)
+
+    def read(check: _Checker) -> Rated:
+        prompt = check.text("prompt", conversational)
+        completion = check.text("completion", conversational, response=True)
+        return Rated(prompt, completion, _label(check))
+
+    records = _convert(spec, rows[first:], layout, UNPAIRED_FIELDS, _unpaired_layout, read, skipped)
+    return records, layout
+
+
+def split_pairs(pairs: Sequence[Pair]) -> list[Rated]:
+    """Each pair as its chosen response, desirable, then its rejected one, undesirable."""
+    return [
+        rated
+        for pair in pairs
+        for rated in (
+            Rated(pair.prompt, pair.chosen, True, pair.row),
+            Rated(pair.prompt, pair.rejected, False, pair.row),
+        )
+    ]
+
+
+def encode_rated(
+    records: Sequence[Rated],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str = "keep_end",
+    *,
+    source: str = "data",
+    skipped: list[DataError] | None = None,
+) -> tuple[list[EncodedRated], TruncationReport]:
+    """Token ids for each judged completion, fitted to the budget exactly as a demonstration is
+    (see ``encode_pairs``), in source order; the report covers both labels."""
+    encoded: list[EncodedRated] = []
+    reports = []
+    for label in (True, False):
+        demos = [Demo(r.prompt, r.completion, r.row) for r in records if r.label == label]
+        examples, report = encode_demos(
+            demos,
+            tokenizer,
+            max_length,
+            max_prompt_length,
+            truncation,
+            source=source,
+            skipped=skipped,
+        )
+        encoded += [EncodedRated(e.prompt_ids, e.completion_ids, label, e.row) for e in examples]
+        reports.append(astuple(report))
+    if all(example.row is not None for example in encoded):
+        # Stable: of a split pair, the desirable completion stays first.
+        encoded.sort(key=lambda example: example.row)
+    return encoded, TruncationReport(*map(sum, zip(*reports, strict=True)))
+
+
+def label_counts(examples: Sequence[EncodedRated]) -> tuple[int, int]:
+    """How many examples are desirable, and how many undesirable."""
+    desirable = sum(example.desirable for example in examples)
+    return desirable, len(examples) - desirable
+
+
+def _paired(rows: Rows) -> bool:
+    for _, row in rows:
+        if _present(row, "label"):
+            return False
+        if _present(row, "chosen") and _present(row, "rejected"):
+            return True
+    return False
+
+
+def _unpaired_layout(spec: str, number: int, row: Row) -> str:
+    for field_name in UNPAIRED_FIELDS["unpaired"]:
+        if not _present(row, field_name):
+            columns = ", ".join(row) or "none"
+            message = (
+                "missing; KTO data needs prompt, completion and label, or chosen and rejected "
+                f"pairs (columns: {columns})"
+            )
+            raise DataError(spec, message, row=number, field=field_name)
+    return "unpaired"
+
+
+def _label(check: _Checker) -> bool:
+    value: Any = check.row["label"]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    message = f"expected true or false, got {type(value).__name__} {shown}"
+    raise check.error(message, "label")

@@ -1,0 +1,89 @@
+"""``preftune score``: a trained reward model's score of every row of a dataset, as JSONL."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from preftune.data.formats import records_from_rows
+from preftune.data.records import Demo, Pair, Ranked, Text, preferences
+from preftune.data.sources import read_rows
+from preftune.models.reward import RewardScorer
+from preftune.models.reward_settings import ScoreConfig
+
+Record = Pair | Ranked | Demo
+
+
+def run_score(cfg: ScoreConfig) -> dict[str, float]:
+    """Writes each row of ``score.input`` with its scores to ``score.output``: ``score`` for a
+    prompt/completion row, ``score_chosen`` and ``score_rejected`` for a pair, and
+    ``score_responses`` for a ranked row. Prints and returns the mean score and, for preference
+    data, the accuracy: how often the preferred response scores higher."""
+    s = cfg.score
+    rows = read_rows(s.input)
+    records, layout, _ = records_from_rows(s.input, rows, "auto")
+    scorer = RewardScorer(
+        cfg.model.path,
+        s.max_length,
+        s.max_prompt_length,
+        s.truncation,
+        s.batch_size,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    prompts: list[Text] = []
+    completions: list[Text] = []
+    numbers: list[int] = []
+    for record in records:
+        for response in responses(record):
+            prompts.append(record.prompt)
+            completions.append(response)
+            numbers.append(record.row)
+    scores, report = scorer.score_with_report(prompts, completions, numbers, s.input)
+    print(
+        f"{s.input}: layout {layout}; {len(records)} rows, {len(scores)} responses scored: "
+        f"{report.prompts_truncated} with the prompt truncated, {report.responses_truncated} "
+        f"with the response truncated (score.max_length={s.max_length}, "
+        f"score.max_prompt_length={s.max_prompt_length})"
+    )
+    by_number = dict(rows)
+    wins: list[bool] = []
+    lines = []
+    remaining = iter(scores)
+    for record in records:
+        own = [next(remaining) for _ in responses(record)]
+        lines.append(json.dumps(by_number[record.row] | fields(record, own), ensure_ascii=False))
+        if not isinstance(record, Demo):
+            wins += [own[better] > own[worse] for better, worse in order(record)]
+    output = Path(s.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    summary = {"mean_score": statistics.fmean(scores)}
+    text = f"scored {len(records)} rows with {cfg.model.path}: mean score "
+    text += f"{summary['mean_score']:.4f}"
+    if wins:
+        summary["accuracy"] = sum(wins) / len(wins)
+        text += f"; accuracy {summary['accuracy']:.4f} ({sum(wins)} of {len(wins)} pairs)"
+    print(f"{text}; wrote {output}")
+    return summary
+
+
+def responses(record: Record) -> tuple[Text, ...]:
+    if isinstance(record, Demo):
+        return (record.completion,)
+    if isinstance(record, Pair):
+        return (record.chosen, record.rejected)
+    return record.responses
+
+
+def order(record: Pair | Ranked) -> list[tuple[int, int]]:
+    """The (better, worse) pairs of indices into ``responses(record)``."""
+    return [(0, 1)] if isinstance(record, Pair) else preferences(record.ranking)
+
+
+def fields(record: Record, scores: list[float]) -> dict[str, float | list[float]]:
+    if isinstance(record, Demo):
+        return {"score": scores[0]}
+    if isinstance(record, Pair):
+        return {"score_chosen": scores[0], "score_rejected": scores[1]}
+    return {"score_responses": scores}

@@ -1,0 +1,251 @@
+"""``preftune spin``: self-play fine-tuning (SPIN; Chen et al., 2024, "Self-Play Fine-Tuning
+Converts Weak Language Models to Strong Language Models", arXiv:2401.01335).
+
+SFT data becomes preference pairs with no labels. Iteration t generates a completion y' of every
+prompt x with iterate t−1, pairs it as rejected with the real completion y as chosen, and trains
+iterate t−1 on the pairs with the paired loss of ``loss.type``, the reference being iterate t−1
+itself. With the default sigmoid loss this is the paper's logistic loss:
+
+    L(θ) = −E log σ(β log[π_θ(y|x) / π_{t−1}(y|x)] − β log[π_θ(y'|x) / π_{t−1}(y'|x)]),
+    y' ∼ π_{t−1}(·|x)
+
+Iterate 0 is ``model.path``. Iterate t is saved to ``output_dir/iter-t``, the last one also to
+``output_dir``; a run with the same ``output_dir`` skips the iterations finished there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from preftune.commands import _accelerator, _encoded, _model_spec, _train_and_save, setup_paired
+from preftune.config import SPINConfig, to_dict
+from preftune.data.encode import (
+    EncodedDemo,
+    EncodedPair,
+    Tokenized,
+    TruncationReport,
+    encode_demos,
+    fit,
+)
+from preftune.data.formats import load_demos
+from preftune.models.generate import Sampling, generate_ids
+from preftune.models.load import load_model, load_tokenizer
+from preftune.spin.settings import SPINSettings
+from preftune.train.card import write_model_card
+from preftune.train.checkpoint import latest_checkpoint
+
+# Written last in an iteration's directory: the iteration is finished when it exists.
+RECORD = "spin_iteration.json"
+# Files of the last iteration's directory that describe that iteration, not the final model.
+ITERATION_FILES = ("metrics.jsonl", "preftune_config.yaml", "README.md", RECORD)
+
+
+def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
+    """Run the iterations not finished earlier in ``cfg.output_dir``; returns one record per
+    iteration: its pair counts and its final metrics."""
+    acc = _accelerator(cfg)
+    tokenizer = load_tokenizer(_model_spec(cfg))
+    train_demos = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_demos, encode_demos)
+    eval_demos = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_demos, encode_demos)
+    records = []
+    for iteration in range(1, cfg.spin.iterations + 1):
+        directory = iteration_dir(cfg, iteration)
+        record = finished_record(directory)
+        if record is None:
+            record = _iteration(cfg, iteration, acc, tokenizer, train_demos, eval_demos)
+            # Drop the accelerator's hold on this iteration's model and optimizer.
+            acc.free_memory()
+        else:
+            acc.print(f"iteration {iteration}: finished earlier, in {directory}")
+        records.append(record)
+    _save_final(cfg, acc, records)
+    acc.end_training()
+    return records
+
+
+def iteration_dir(cfg: SPINConfig, iteration: int) -> Path:
+    return Path(cfg.output_dir) / f"iter-{iteration}"
+
+
+def finished_record(directory: Path) -> dict[str, Any] | None:
+    path = directory / RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def spin_pairs(
+    demos: Sequence[EncodedDemo], generated: Sequence[list[int]], max_length: int, truncation: str
+) -> tuple[list[EncodedPair], TruncationReport]:
+    """One pair per demonstration: its completion chosen, the generated one rejected, both after
+    the demonstration's own prompt ids (shared, not copied). A generated completion is cut to the
+    room the prompt leaves in ``max_length``, as data rows are; the report counts those cut
+    (``responses_truncated``) and those identical to the real completion (``identical``)."""
+    examples = [
+        Tokenized(demo.prompt_ids, [demo.completion_ids, ids], demo.row)
+        for demo, ids in zip(demos, generated, strict=True)
+    ]
+    kept, report = fit(examples, max_length, None, truncation)
+    return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in kept], report
+
+
+def sampling(settings: SPINSettings, max_length: int, demos: Sequence[EncodedDemo]) -> Sampling:
+    room = max_length - min(len(demo.prompt_ids) for demo in demos)
+    return Sampling(
+        settings.max_new_tokens or room, settings.temperature, settings.top_p, settings.do_sample
+    )
+
+
+def generate_rejected(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    tokenizer,
+    settings: Sampling,
+    batch_size: int,
+    seed: int,
+    acc: Accelerator,
+    desc: str,
+) -> list[list[int]]:
+    """A completion of each prompt by ``model``. Each process generates every
+    ``num_processes``-th prompt, shortest first so that a batch pads little, and every process
+    gets all the completions."""
+    mine = range(acc.process_index, len(prompts), acc.num_processes)
+    mine = sorted(mine, key=lambda index: len(prompts[index]))
+    with acc.autocast():
+        ids = generate_ids(
+            model,
+            [prompts[index] for index in mine],
+            tokenizer,
+            settings,
+            batch_size,
+            seed,
+            desc if acc.is_main_process else None,
+        )
+    completions = dict(gather_object(list(zip(mine, ids, strict=True))))
+    return [completions[index] for index in range(len(prompts))]
+
+
+def _iteration(cfg, iteration, acc, tokenizer, train_demos, eval_demos) -> dict[str, Any]:
+    """Generate with iterate t−1, pair, train it into iterate t and save that."""
+    directory = iteration_dir(cfg, iteration)
+    # An iteration draws the same random numbers whether or not the run resumed before it.
+    set_seed(cfg.seed + iteration)
+    model = _iterate(cfg, iteration - 1, tokenizer).to(acc.device)
+    record: dict[str, Any] = {"iteration": iteration}
+    sets = []
+    for label, demos in (("train", train_demos), ("eval", eval_demos)):
+        pairs = None
+        if demos is not None:
+            pairs, counts = _self_play_pairs(cfg, iteration, acc, model, tokenizer, demos, label)
+            prefix = "" if label == "train" else "eval/"
+            record |= {f"{prefix}{key}": value for key, value in counts.items()}
+        sets.append(pairs)
+    model, objective, train_set, eval_set = setup_paired(
+        cfg, acc, model, tokenizer.pad_token_id, *sets
+    )
+    run_cfg = replace(cfg, output_dir=str(directory))
+    args = (run_cfg, "spin", acc, model, tokenizer, objective, train_set, eval_set)
+    record |= _train_and_save(*args, finish=False)
+    if acc.is_main_process:
+        _write_atomic(directory / RECORD, json.dumps(record, indent=1) + "\n")
+    acc.wait_for_everyone()
+    return record
+
+
+def _iterate(cfg: SPINConfig, index: int, tokenizer) -> torch.nn.Module:
+    """Iterate ``index``: ``model.path`` for 0, else the model saved by that iteration."""
+    spec = _model_spec(cfg)
+    if index > 0:
+        # A saved iterate is a plain model directory; the tiny preset's sizes do not apply.
+        path = iteration_dir(cfg, index).resolve()
+        spec = replace(spec, path=str(path), tiny_sizes=None)
+    return load_model(spec, tokenizer)
+
+
+def _self_play_pairs(cfg, iteration, acc, model, tokenizer, demos, label):
+    """The pairs of one dataset and their counts. The completions are written to the iteration's
+    directory and, when its training resumes from a checkpoint, read back from there, so that it
+    resumes on the very pairs it started with."""
+    path = iteration_dir(cfg, iteration) / f"generated-{label}.jsonl"
+    generated = None
+    if latest_checkpoint(path.parent) is not None and path.exists():
+        generated = [row["generated_ids"] for row in map(json.loads, path.open())]
+        if len(generated) == len(demos):
+            acc.print(f"iteration {iteration}: {label} completions from {path}")
+        else:
+            generated = None
+    if generated is None:
+        settings = sampling(cfg.spin, cfg.data.max_length, demos)
+        prompts = [demo.prompt_ids for demo in demos]
+        desc = f"iteration {iteration}: generating ({label})"
+        seed = cfg.seed + iteration
+        generated = generate_rejected(
+            model, prompts, tokenizer, settings, cfg.spin.batch_size, seed, acc, desc
+        )
+        if acc.is_main_process:
+            _write_atomic(path, _generation_rows(demos, generated, tokenizer))
+        acc.wait_for_everyone()
+    pairs, report = spin_pairs(demos, generated, cfg.data.max_length, cfg.data.truncation)
+    counts = {
+        "pairs": report.kept,
+        "identical": report.identical,
+        "generated_cut": report.responses_truncated,
+        "generated_tokens": sum(len(p.rejected_ids) for p in pairs) / max(len(pairs), 1),
+    }
+    acc.print(
+        f"iteration {iteration}, {label}: {report.kept} completions generated by iterate "
+        f"{iteration - 1} (mean {counts['generated_tokens']:.1f} tokens), "
+        f"{report.responses_truncated} cut to data.max_length; {report.identical} identical to "
+        "the real completion, kept as pairs that carry no preference"
+    )
+    return pairs, counts
+
+
+def _generation_rows(demos, generated, tokenizer) -> str:
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    rows = [
+        {
+            "row": demo.row,
+            "prompt": decode(demo.prompt_ids),
+            "real": decode(demo.completion_ids),
+            "generated": decode(ids),
+            "generated_ids": ids,
+        }
+        for demo, ids in zip(demos, generated, strict=True)
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def _save_final(cfg: SPINConfig, acc: Accelerator, records: list[dict[str, Any]]) -> None:
+    """The last iterate's model and tokenizer in ``output_dir`` itself, with the config, a model
+    card and ``spin.jsonl``: one record per iteration."""
+    if acc.is_main_process:
+        output_dir = Path(cfg.output_dir)
+        last = iteration_dir(cfg, cfg.spin.iterations)
+        for path in last.iterdir():
+            own = path.name in ITERATION_FILES or path.name.startswith("generated-")
+            if path.is_file() and not own:
+                shutil.copy2(path, output_dir / path.name)
+        config = to_dict(cfg)
+        (output_dir / "preftune_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        _write_atomic(output_dir / "spin.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        metrics = {key: value for key, value in records[-1].items() if key != "iteration"}
+        write_model_card(output_dir, "spin", cfg.model.path, config, metrics)
+        acc.print(f"saved iterate {cfg.spin.iterations} to {output_dir}")
+    acc.wait_for_everyone()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
