@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from preftune.config import (
     SFTConfig,
     SPINConfig,
     describe,
+    given_keys,
     load_config,
 )
 from preftune.demo.settings import DemoConfig
@@ -33,10 +35,12 @@ COMMANDS: dict[str, tuple[type, str]] = {
 DATA_CHECK = "read datasets exactly as training would: every bad row, token lengths, duplicates"
 DATA_CHECK_USAGE = """\
 Each PATH (default: data.train and data.eval) is read, validated and tokenized with the
-tokenizer of model.path and the data.* settings, as `preftune dpo`/`sft` would: the same
+tokenizer of model.path and the data.* settings, as the training commands would: the same
 --config file works. Prints a summary per dataset on stdout and one line per problem on stderr;
 exits 0 when no problem was found, 1 when some were, 2 on an error that stops the check.
 """
+# Commands whose config has model.* and data.* keys, most general first.
+TRAINING_COMMANDS = ("dpo", "kto", "spin", "rm", "sft")
 # ``key=value`` where the key is a dotted config name; anything else is a dataset path.
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -78,12 +82,15 @@ def _add_data_parser(commands: argparse._SubParsersAction) -> None:
         epilog=key_table(DPOConfig, ("model.", "data.")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("--config", metavar="FILE", help="YAML config file (as for dpo or sft)")
+    check.add_argument(
+        "--config", metavar="FILE", help="YAML config file (as for dpo, sft, kto, spin or rm)"
+    )
     check.add_argument(
         "--kind",
-        choices=("auto", "pairs", "sft"),
+        choices=("auto", "pairs", "sft", "unpaired"),
         default="auto",
-        help="read rows as preference pairs or SFT demonstrations (auto: from the first row)",
+        help="read rows as preference pairs, SFT demonstrations or judged completions (KTO's "
+        "prompt/completion/label) (auto: from the first row)",
     )
     check.add_argument("items", nargs="*", metavar="PATH | key=value", help="dataset or override")
 
@@ -125,5 +132,16 @@ def _data_check(args: argparse.Namespace) -> int:
 
     overrides = [item for item in args.items if _OVERRIDE.match(item)]
     paths = [item for item in args.items if not _OVERRIDE.match(item)]
-    config = load_config(DPOConfig, args.config, overrides)
-    return run_data_check(config, paths, args.kind)
+    return run_data_check(_any_training_config(args.config, overrides), paths, args.kind)
+
+
+def _any_training_config(path: str | None, overrides: list[str]):
+    """The config of the training command whose sections hold every key given: ``data check``
+    takes the same --config file as dpo, sft, kto, spin or rm, and reads its model.* and data.*
+    keys. Keys no command knows are reported against dpo's config."""
+    sections = {key.split(".")[0] for key in given_keys(path, overrides)}
+    for name in TRAINING_COMMANDS:
+        config_class = COMMANDS[name][0]
+        if sections <= {f.name for f in dataclasses.fields(config_class)}:
+            return load_config(config_class, path, overrides)
+    return load_config(DPOConfig, path, overrides)

@@ -77,6 +77,11 @@ def describe(cls: type) -> list[tuple[str, str, str]]:
 
 def load_config(cls: type[C], path: str | None = None, overrides: list[str] = ()) -> C:
     """Build ``cls`` from an optional YAML file and ``key=value`` overrides (later wins)."""
+    return _build(cls, given_keys(path, overrides))
+
+
+def given_keys(path: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The dotted keys a YAML file and ``key=value`` overrides set, unchecked (later wins)."""
     flat: dict[str, Any] = {}
     if path is not None:
         _flatten(_read_yaml(path), "", flat)
@@ -85,7 +90,7 @@ def load_config(cls: type[C], path: str | None = None, overrides: list[str] = ()
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         _flatten(yaml.safe_load(text) if text else "", key.strip(), flat)
-    return _build(cls, flat)
+    return flat
 
 
 def to_dict(config: Any) -> dict[str, Any]:

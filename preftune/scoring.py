@@ -7,12 +7,12 @@ import statistics
 from pathlib import Path
 
 from preftune.data.formats import records_from_rows
-from preftune.data.records import Demo, Pair, Ranked, Text, preferences
+from preftune.data.records import Demo, Pair, Ranked, Rated, Text, preferences
 from preftune.data.sources import read_rows
 from preftune.models.reward import RewardScorer
 from preftune.models.reward_settings import ScoreConfig
 
-Record = Pair | Ranked | Demo
+Record = Pair | Ranked | Demo | Rated
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, float]:
@@ -53,7 +53,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, float]:
     for record in records:
         own = [next(remaining) for _ in responses(record)]
         lines.append(json.dumps(by_number[record.row] | fields(record, own), ensure_ascii=False))
-        if not isinstance(record, Demo):
+        if isinstance(record, Pair | Ranked):
             wins += [own[better] > own[worse] for better, worse in order(record)]
     output = Path(s.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, float]:
 
 
 def responses(record: Record) -> tuple[Text, ...]:
-    if isinstance(record, Demo):
+    if isinstance(record, Demo | Rated):
         return (record.completion,)
     if isinstance(record, Pair):
         return (record.chosen, record.rejected)
@@ -82,7 +82,7 @@ def order(record: Pair | Ranked) -> list[tuple[int, int]]:
 
 
 def fields(record: Record, scores: list[float]) -> dict[str, float | list[float]]:
-    if isinstance(record, Demo):
+    if isinstance(record, Demo | Rated):
         return {"score": scores[0]}
     if isinstance(record, Pair):
         return {"score_chosen": scores[0], "score_rejected": scores[1]}

@@ -143,3 +143,35 @@ def test_command_line_prints_no_traceback(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"preftune: error: {data}: row 2: field 'chosen': expected a string, got list"
     ]
+
+
+def test_judged_completions_are_checked_as_kto_reads_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "rated.jsonl"
+    rows = [
+        {"prompt": "What is 1 plus 1?\n", "completion": "It is 2.", "label": True},
+        {"prompt": "What is 1 plus 1?\n", "completion": "No idea.", "label": False},
+        {"prompt": "What is 2 plus 2?\n", "completion": "It is 4.", "label": "yes"},
+        {"prompt": "What is 1 plus 1?\n", "completion": "It is 2.", "label": True},
+    ]
+    write_jsonl(data, rows)
+    status, out, err = check(capsys, str(data))
+    assert status == 1
+    assert out.startswith(f"{data}: 4 rows of judged completions, layout unpaired")
+    assert "desirable: 2; undesirable: 1" in out
+    assert "duplicated completions: 1 (row 4 repeats row 1" in out
+    assert err == [
+        f"preftune: error: {data}: row 3: field 'label': expected true or false, got str 'yes'"
+    ]
+
+
+def test_a_kto_config_file_is_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "kto.yaml"
+    config.write_text(f"model: tiny\ndata:\n  train: {SAMPLE_TRAIN}\nkto:\n  beta: 0.2\n")
+    status, out, err = check(capsys, "--config", str(config))
+    assert (status, err) == (0, [])
+    assert out.startswith(f"{SAMPLE_TRAIN}: 256 rows of preference pairs")
+    status, out, err = check(capsys, "--config", str(config), "kto.bta=0.3")
+    assert status == 2
+    assert err == ["preftune: error: unknown config key 'kto.bta'; did you mean 'kto.beta'?"]

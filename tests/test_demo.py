@@ -14,30 +14,28 @@ pytest.importorskip("vaderSentiment")
 pytest.importorskip("matplotlib")
 
 
+SHRUNKEN = [
+    "corpus.size=300",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "sft.steps=30",
+    "sft.batch_size=16",
+    "pairs.prompts=24",
+    "pairs.samples_per_prompt=3",
+    "pairs.max_new_tokens=16",
+    "dpo.betas=[0.1, 0.5]",
+    "dpo.steps=3",
+    "dpo.batch_size=4",
+    "eval.prompts=8",
+    "eval.samples_per_prompt=2",
+]
+
+
 def test_shrunken_demo_writes_results_and_plots(tmp_path: Path) -> None:
     from preftune.demo.pipeline import run_demo
 
-    cfg = load_config(
-        DemoConfig,
-        None,
-        [
-            f"output_dir={tmp_path / 'demo'}",
-            "corpus.size=300",
-            "model.hidden_size=32",
-            "model.num_layers=1",
-            "model.num_heads=2",
-            "sft.steps=30",
-            "sft.batch_size=16",
-            "pairs.prompts=24",
-            "pairs.samples_per_prompt=3",
-            "pairs.max_new_tokens=16",
-            "dpo.betas=[0.1, 0.5]",
-            "dpo.steps=3",
-            "dpo.batch_size=4",
-            "eval.prompts=8",
-            "eval.samples_per_prompt=2",
-        ],
-    )
+    cfg = load_config(DemoConfig, None, [f"output_dir={tmp_path / 'demo'}", *SHRUNKEN])
     run_demo(cfg)
     out = tmp_path / "demo"
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -58,3 +56,28 @@ def test_shrunken_demo_writes_results_and_plots(tmp_path: Path) -> None:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = (out / "data" / "pairs_train.jsonl").read_text().splitlines()
     assert pairs and all(json.loads(p)["chosen"] != json.loads(p)["rejected"] for p in pairs)
+
+
+def test_reward_model_judges_the_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With ``judge`` a reward model directory, its scores of prompt and completion are the
+    rewards: the pairs' chosen sides are those it scores higher, and the report names it."""
+    from preftune.demo.pipeline import run_demo
+    from preftune.models.reward import RewardScorer
+    from preftune.models.tiny import build_reward_model, build_tokenizer
+
+    judge_dir = tmp_path / "judge"
+    tokenizer = build_tokenizer()
+    build_reward_model(tokenizer, seed=3, hidden_size=32, num_layers=1).save_pretrained(judge_dir)
+    tokenizer.save_pretrained(judge_dir)
+    out = tmp_path / "demo"
+    cfg = load_config(DemoConfig, None, [f"output_dir={out}", f"judge={judge_dir}", *SHRUNKEN])
+    run_demo(cfg)
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge"] == f"reward model {judge_dir}"
+    assert f"| policy | reward (reward model {judge_dir}) |" in capsys.readouterr().out
+    scorer = RewardScorer(str(judge_dir), max_length=128, max_prompt_length=64)
+    pairs = [json.loads(line) for line in (out / "data" / "pairs_train.jsonl").open()]
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scorer.score(prompts, [p["chosen"] for p in pairs])
+    rejected = scorer.score(prompts, [p["rejected"] for p in pairs])
+    assert pairs and all(c > r for c, r in zip(chosen, rejected, strict=True))

@@ -18,10 +18,16 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.data.encode import Tokenized, check_budget, fit, tokenize_demos, tokenize_pairs
 from preftune.data.formats import load_records
-from preftune.data.records import Demo, Pair, Ranked, preferences, tied_pairs
+from preftune.data.records import Demo, Pair, Ranked, Rated, preferences, tied_pairs
 from preftune.errors import DataError
 
 PERCENTILES = (50, 90, 99)
+# What a dataset of each kind holds, and what its rows are called.
+KIND_NAMES = {
+    "pairs": ("preference pairs", "pairs"),
+    "sft": ("demonstrations", "demonstrations"),
+    "unpaired": ("judged completions", "completions"),
+}
 SHOWN_ROWS = 5
 
 
@@ -52,7 +58,7 @@ class DataCheck:
 def check_dataset(
     spec: str, split: str, kind: str, tokenizer: PreTrainedTokenizerBase, budget: Budget
 ) -> DataCheck:
-    """Read ``spec`` as ``kind`` (``pairs``, ``sft`` or ``auto``) and describe it.
+    """Read ``spec`` as ``kind`` (``pairs``, ``sft``, ``unpaired`` or ``auto``) and describe it.
 
     A source that cannot be read at all is one problem and no summary.
     """
@@ -69,8 +75,7 @@ def check_dataset(
     else:
         tokenized = tokenize_demos(records, tokenizer, spec, problems)
         names = ("prompt", "completion")
-    what = "preference pairs" if kind == "pairs" else "demonstrations"
-    noun = "pairs" if kind == "pairs" else "demonstrations"
+    what, noun = KIND_NAMES[kind]
     table = tokenized
     if layout == "ranked":
         # Rows rank different numbers of responses: one column for the longest of each.
@@ -88,6 +93,9 @@ def check_dataset(
     elif kind == "pairs":
         same = [pair.row for pair in records if pair.chosen == pair.rejected]
         summary.append(f"  chosen identical to rejected: {describe_rows(same)}")
+    elif kind == "unpaired":
+        desirable = sum(record.label for record in records)
+        summary.append(f"  desirable: {desirable}; undesirable: {len(records) - desirable}")
     problems.sort(key=lambda problem: problem.row or 0)
     listed = " (one line each, on stderr)" if problems else ""
     summary.append(f"  rows with problems: {len(problems)}{listed}")
@@ -146,7 +154,9 @@ def duplicates(records: Sequence[Pair] | Sequence[Demo]) -> list[tuple[int | Non
     return repeats
 
 
-def _value(record: Pair | Ranked | Demo) -> list:
+def _value(record: Pair | Ranked | Demo | Rated) -> list:
+    if isinstance(record, Rated):
+        return [record.prompt, record.completion, record.label]
     if isinstance(record, Pair):
         return [record.prompt, record.chosen, record.rejected]
     if isinstance(record, Ranked):

@@ -59,9 +59,10 @@ def load_demos(spec: str, split: str = "train", skipped: Skipped = None) -> tupl
 def load_records(
     spec: str, split: str, kind: str, skipped: Skipped = None
 ) -> tuple[list[Pair] | list[Demo], str, str]:
-    """Pairs or demonstrations, the layout, and the kind (``pairs``/``sft``); ``kind="auto"``
-    reads pairs when the first row with any known layout has ``chosen`` and ``rejected`` (or
-    ``responses``)."""
+    """Pairs, demonstrations or judged completions, the layout, and the kind (``pairs``,
+    ``sft`` or ``unpaired``); ``kind="auto"`` reads pairs when the first row with any known
+    layout has ``chosen`` and ``rejected`` (or ``responses``), judged completions when it has
+    ``completion`` and ``label``."""
     return records_from_rows(spec, read_rows(spec, split, skipped), kind, skipped)
 
 
@@ -70,7 +71,13 @@ def records_from_rows(
 ) -> tuple[list[Pair] | list[Ranked] | list[Demo], str, str]:
     """Records from rows already read (see ``load_records``)."""
     if kind == "auto":
-        kind = "pairs" if _first_kind(rows) == "pairs" else "sft"
+        kind = _first_kind(rows)
+    if kind == "unpaired":
+        # Judged completions build on this module's readers.
+        from preftune.data.unpaired import rated_from_rows
+
+        records, layout = rated_from_rows(spec, rows, skipped)
+        return records, layout, kind
     convert = pairs_from_rows if kind == "pairs" else demos_from_rows
     records, layout = convert(spec, rows, skipped)
     return records, layout, kind
@@ -80,6 +87,8 @@ def _first_kind(rows: Rows) -> str:
     for _, row in rows:
         if (_present(row, "chosen") and _present(row, "rejected")) or _present(row, "responses"):
             return "pairs"
+        if _present(row, "completion") and _present(row, "label"):
+            return "unpaired"
         if _present(row, "messages") or _present(row, "completion"):
             return "sft"
     return "pairs"

@@ -42,7 +42,11 @@ def load_rated(spec: str, split: str = "train", skipped: Skipped = None) -> tupl
     ``rejected``: ``unpaired`` rows are read as they are; pairs (any layout of ``load_pairs``)
     are split by :func:`split_pairs`. With ``skipped``, bad rows are collected there.
     """
-    rows = read_rows(spec, split, skipped)
+    return rated_from_rows(spec, read_rows(spec, split, skipped), skipped)
+
+
+def rated_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[list[Rated], str]:
+    """Judged completions from rows already read (see ``load_rated``)."""
     if _paired(rows):
         pairs, layout = pairs_from_rows(spec, rows, skipped)
         layout = f"{layout} pairs, split into desirable (chosen) and undesirable (rejected)"

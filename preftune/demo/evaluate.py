@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from preftune.demo.judge import Judge
 from preftune.demo.settings import DemoConfig
 from preftune.models.generate import completion_logps, sample
-
-Judge = Callable[[list[str]], list[float]]
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ def sample_pairs(
     model, tokenizer = _load(sft_dir)
     k = cfg.pairs.samples_per_prompt
     completions = _sample(model, tokenizer, prompts, k, cfg, seed=cfg.seed + 1, desc="pairs")
-    rewards = judge([c.prompt + c.text for c in completions])
+    rewards = judge.score([c.prompt for c in completions], [c.text for c in completions])
     groups, empty = [], 0
     for start in range(0, len(completions), k):
         group = sorted(
@@ -98,7 +96,7 @@ def evaluate_policies(
             seed=cfg.seed + 2,
             desc=f"eval {_label(policy)}",
         )
-        rewards = judge([c.prompt + c.text for c in completions])
+        rewards = judge.score([c.prompt for c in completions], [c.text for c in completions])
         pad = tokenizer.pad_token_id
         log_ratio = completion_logps(model, completions, pad) - completion_logps(
             reference, completions, pad

@@ -1,14 +1,34 @@
-"""The ground-truth reward: VADER's compound sentiment score, from the vaderSentiment package."""
+"""The demo's ground-truth reward: VADER's compound sentiment score (from the vaderSentiment
+package), or a reward model trained by ``preftune rm``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from preftune.errors import PreftuneError
 
 
-def sentiment_judge() -> Callable[[list[str]], list[float]]:
-    """A function from texts to VADER compound scores in [-1, 1]."""
+@dataclass
+class Judge:
+    """Scores completions as replies to their prompts; ``name`` labels the reports."""
+
+    name: str
+    score: Callable[[list[str], list[str]], list[float]]
+
+
+def load_judge(spec: str, max_length: int) -> Judge:
+    """``vader``, or the directory of a reward model trained by ``preftune rm``."""
+    if spec == "vader":
+        return sentiment_judge()
+    from preftune.models.reward import RewardScorer
+
+    scorer = RewardScorer(spec, max_length=max_length, max_prompt_length=max_length // 2)
+    return Judge(f"reward model {spec}", scorer.score)
+
+
+def sentiment_judge() -> Judge:
+    """VADER compound scores in [-1, 1] of each prompt and completion read as one text."""
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError:
@@ -16,4 +36,11 @@ def sentiment_judge() -> Callable[[list[str]], list[float]]:
             "preftune demo scores samples with VADER: pip install 'preftune[demo]'"
         ) from None
     analyzer = SentimentIntensityAnalyzer()
-    return lambda texts: [analyzer.polarity_scores(text)["compound"] for text in texts]
+
+    def score(prompts: list[str], completions: list[str]) -> list[float]:
+        return [
+            analyzer.polarity_scores(prompt + text)["compound"]
+            for prompt, text in zip(prompts, completions, strict=True)
+        ]
+
+    return Judge("VADER", score)

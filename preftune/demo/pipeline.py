@@ -20,7 +20,7 @@ from preftune.data.settings import DataConfig
 from preftune.data.sources import read_rows
 from preftune.demo.corpus import generate_reviews, split_opening
 from preftune.demo.evaluate import Policy, evaluate_policies, sample_pairs
-from preftune.demo.judge import sentiment_judge
+from preftune.demo.judge import load_judge
 from preftune.demo.report import write_report
 from preftune.demo.settings import DemoConfig
 from preftune.errors import ConfigError
@@ -44,7 +44,7 @@ class Corpus:
 def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    judge = sentiment_judge()
+    judge = load_judge(cfg.judge, MAX_LENGTH)
     corpus = load_corpus(cfg)
     base = prepare_base_model(cfg, corpus.reviews, out / "base")
 
@@ -83,7 +83,7 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     policies.append(Policy("preferred-ft", None, preferred_dir))
 
     rows = evaluate_policies(policies, sft_dir, corpus.eval_prompts, judge, cfg)
-    write_report(out, rows, policies)
+    write_report(out, rows, policies, judge.name)
     return rows
 
 

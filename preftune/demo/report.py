@@ -11,18 +11,20 @@ from preftune.errors import PreftuneError
 COLOURS = {"sft": "black", "dpo": "tab:blue", "preferred-ft": "tab:orange"}
 
 
-def write_report(out: Path, rows: list[dict[str, Any]], policies: list) -> None:
-    (out / "results.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+def write_report(
+    out: Path, rows: list[dict[str, Any]], policies: list, judge: str = "VADER"
+) -> None:
+    (out / "results.json").write_text(json.dumps({"judge": judge, "rows": rows}, indent=2) + "\n")
     plt = _pyplot()
-    plot_frontier(plt, rows, out / "frontier.png")
+    plot_frontier(plt, rows, out / "frontier.png", judge)
     plot_curves(plt, policies, out / "curves.png")
-    print(table(rows))
+    print(table(rows, judge))
     print(f"wrote {out / 'results.json'}, {out / 'frontier.png'} and {out / 'curves.png'}")
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], judge: str = "VADER") -> str:
     lines = [
-        "| policy | reward (VADER) | KL(π‖π_SFT) | pair accuracy |",
+        f"| policy | reward ({judge}) | KL(π‖π_SFT) | pair accuracy |",
         "|---|---|---|---|",
     ]
     for row in rows:
@@ -40,7 +42,7 @@ def label(row: dict[str, Any]) -> str:
     return {"sft": "SFT", "preferred-ft": "Preferred-FT"}[row["method"]]
 
 
-def plot_frontier(plt, rows: list[dict[str, Any]], path: Path) -> None:
+def plot_frontier(plt, rows: list[dict[str, Any]], path: Path, judge: str = "VADER") -> None:
     figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for method in COLOURS:
         mine = [row for row in rows if row["method"] == method]
@@ -65,7 +67,9 @@ def plot_frontier(plt, rows: list[dict[str, Any]], path: Path) -> None:
                 fontsize=8,
             )
     axes.set_xlabel("KL(π ‖ π_SFT), nats per sample")
-    axes.set_ylabel("mean reward (VADER compound)")
+    axes.set_ylabel(
+        "mean reward (VADER compound)" if judge == "VADER" else f"mean reward ({judge})"
+    )
     axes.set_title("Controlled sentiment: reward vs KL")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right")

@@ -61,6 +61,9 @@ class EvalConfig:
 class DemoConfig:
     seed: int = option(42, "seed for the corpus, models, sampling and data order")
     output_dir: str = option("runs/demo", "where every stage, results.json and plots go")
+    judge: str = option(
+        "vader", "ground-truth reward: vader, or a reward model directory from `preftune rm`"
+    )
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     model: DemoModelConfig = field(default_factory=DemoModelConfig)
     sft: StageSFTConfig = field(default_factory=StageSFTConfig)
