@@ -56,8 +56,7 @@ def setup_paired(cfg: DPOConfig, acc, model, pad_id, train_set, eval_set):
     needs_reference = spec.needs_reference and not cfg.loss.reference_free
     cached = needs_reference and cfg.speed.reference_cache
     base_hash = model_digest(model) if cached else ""
-    if cfg.lora.r > 0:
-        model = apply_lora(model, cfg.lora)
+    model = _maybe_lora(cfg, model)
     if cached:
         # Before the first update the policy is the reference: score the data with it once.
         model.to(acc.device)
@@ -98,7 +97,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(_model_spec(cfg))
     train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_demos, encode_demos)
     eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_demos, encode_demos)
-    model = load_model(_model_spec(cfg), tokenizer)
+    model = _maybe_lora(cfg, load_model(_model_spec(cfg), tokenizer))
     objective = SFTObjective(tokenizer.pad_token_id)
     return _train_and_save(cfg, "sft", acc, model, tokenizer, objective, train_set, eval_set)
 
@@ -109,7 +108,7 @@ def run_rm(cfg: RMConfig) -> dict[str, float]:
     load, encode = load_comparisons, encode_comparisons
     train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load, encode)
     eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load, encode)
-    model = load_model(_model_spec(cfg), tokenizer, reward=True)
+    model = _maybe_lora(cfg, load_model(_model_spec(cfg), tokenizer, reward=True), "SEQ_CLS")
     objective = RewardObjective(tokenizer.pad_token_id)
     return _train_and_save(cfg, "rm", acc, model, tokenizer, objective, train_set, eval_set)
 
@@ -131,14 +130,17 @@ def run_kto(cfg: KTOConfig) -> dict[str, float]:
             "warning: with micro-batches of one example, the KL estimate scores each completion "
             "after its own prompt; raise train.micro_batch_size to mismatch them"
         )
-    model = load_model(_model_spec(cfg), tokenizer)
-    if cfg.lora.r > 0:
-        model = apply_lora(model, cfg.lora)
+    model = _maybe_lora(cfg, load_model(_model_spec(cfg), tokenizer))
     # The reference runs on every step: its log-probs of the mismatched pairs depend on which
     # examples share a micro-batch, so they cannot be computed once ahead.
     reference = AdapterDisabled(model) if is_lora(model) else FrozenCopy(model, acc.device)
     objective = KTOObjective(cfg.kto, reference, tokenizer.pad_token_id)
     return _train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
+
+
+def _maybe_lora(cfg: SFTConfig, model: torch.nn.Module, task: str = "CAUSAL_LM"):
+    """``model`` with LoRA adapters when ``lora.r`` > 0, else as it is."""
+    return apply_lora(model, cfg.lora, task) if cfg.lora.r > 0 else model
 
 
 def _accelerator(cfg: SFTConfig) -> Accelerator:

@@ -34,12 +34,12 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
 class DPOConfig(SFTConfig):
     loss: LossConfig = field(default_factory=LossConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
@@ -51,7 +51,6 @@ class SPINConfig(DPOConfig):
 @dataclass
 class KTOConfig(SFTConfig):
     kto: KTOSettings = field(default_factory=KTOSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass

@@ -9,8 +9,11 @@ import torch
 from preftune.models.settings import LoraSettings
 
 
-def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
-    """``model`` wrapped with trainable LoRA adapters; every base weight is frozen."""
+def apply_lora(
+    model: torch.nn.Module, settings: LoraSettings, task: str = "CAUSAL_LM"
+) -> torch.nn.Module:
+    """``model`` wrapped with trainable LoRA adapters; every base weight is frozen, except, for a
+    ``SEQ_CLS`` model (a reward model), its score head, which is new and trained whole."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -18,7 +21,7 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modul
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task,
     )
     return get_peft_model(model, config)
 
