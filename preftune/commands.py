@@ -35,15 +35,14 @@ MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def run_dpo(cfg: DPOConfig) -> dict[str, float]:
-    acc = _accelerator(cfg)
-    tokenizer = load_tokenizer(_model_spec(cfg))
-    train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_pairs, encode_pairs)
-    eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_pairs, encode_pairs)
-    model = load_model(_model_spec(cfg), tokenizer)
+    acc = make_accelerator(cfg)
+    tokenizer = load_tokenizer(model_spec(cfg))
+    train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_pairs, encode_pairs)
+    model = load_model(model_spec(cfg), tokenizer)
     model, objective, train_set, eval_set = setup_paired(
         cfg, acc, model, tokenizer.pad_token_id, train_set, eval_set
     )
-    return _train_and_save(cfg, "dpo", acc, model, tokenizer, objective, train_set, eval_set)
+    return train_and_save(cfg, "dpo", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def setup_paired(cfg: DPOConfig, acc, model, pad_id, train_set, eval_set):
@@ -93,31 +92,28 @@ def _reference_score(model, score):
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
-    acc = _accelerator(cfg)
-    tokenizer = load_tokenizer(_model_spec(cfg))
-    train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_demos, encode_demos)
-    eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_demos, encode_demos)
-    model = _maybe_lora(cfg, load_model(_model_spec(cfg), tokenizer))
+    acc = make_accelerator(cfg)
+    tokenizer = load_tokenizer(model_spec(cfg))
+    train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_demos, encode_demos)
+    model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
     objective = SFTObjective(tokenizer.pad_token_id)
-    return _train_and_save(cfg, "sft", acc, model, tokenizer, objective, train_set, eval_set)
+    return train_and_save(cfg, "sft", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def run_rm(cfg: RMConfig) -> dict[str, float]:
-    acc = _accelerator(cfg)
-    tokenizer = load_tokenizer(_model_spec(cfg))
+    acc = make_accelerator(cfg)
+    tokenizer = load_tokenizer(model_spec(cfg))
     load, encode = load_comparisons, encode_comparisons
-    train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load, encode)
-    eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load, encode)
-    model = _maybe_lora(cfg, load_model(_model_spec(cfg), tokenizer, reward=True), "SEQ_CLS")
+    train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load, encode)
+    model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer, reward=True), "SEQ_CLS")
     objective = RewardObjective(tokenizer.pad_token_id)
-    return _train_and_save(cfg, "rm", acc, model, tokenizer, objective, train_set, eval_set)
+    return train_and_save(cfg, "rm", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def run_kto(cfg: KTOConfig) -> dict[str, float]:
-    acc = _accelerator(cfg)
-    tokenizer = load_tokenizer(_model_spec(cfg))
-    train_set = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_rated, encode_rated)
-    eval_set = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_rated, encode_rated)
+    acc = make_accelerator(cfg)
+    tokenizer = load_tokenizer(model_spec(cfg))
+    train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_rated, encode_rated)
     for source, examples in ((cfg.data.train, train_set), (cfg.data.eval, eval_set)):
         if examples is not None:
             desirable, undesirable = label_counts(examples)
@@ -130,12 +126,12 @@ def run_kto(cfg: KTOConfig) -> dict[str, float]:
             "warning: with micro-batches of one example, the KL estimate scores each completion "
             "after its own prompt; raise train.micro_batch_size to mismatch them"
         )
-    model = _maybe_lora(cfg, load_model(_model_spec(cfg), tokenizer))
+    model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
     # The reference runs on every step: its log-probs of the mismatched pairs depend on which
     # examples share a micro-batch, so they cannot be computed once ahead.
     reference = AdapterDisabled(model) if is_lora(model) else FrozenCopy(model, acc.device)
     objective = KTOObjective(cfg.kto, reference, tokenizer.pad_token_id)
-    return _train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
+    return train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def _maybe_lora(cfg: SFTConfig, model: torch.nn.Module, task: str = "CAUSAL_LM"):
@@ -143,7 +139,7 @@ def _maybe_lora(cfg: SFTConfig, model: torch.nn.Module, task: str = "CAUSAL_LM")
     return apply_lora(model, cfg.lora, task) if cfg.lora.r > 0 else model
 
 
-def _accelerator(cfg: SFTConfig) -> Accelerator:
+def make_accelerator(cfg: SFTConfig) -> Accelerator:
     # Several processes on a machine without CUDA: accelerate joins them over gloo only when
     # told the run is on CPU.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -152,7 +148,7 @@ def _accelerator(cfg: SFTConfig) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[str(dtype).removeprefix("torch.")])
 
 
-def _model_spec(cfg: SFTConfig) -> ModelSpec:
+def model_spec(cfg: SFTConfig) -> ModelSpec:
     m = cfg.model
     sizes = {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads}
     return ModelSpec(
@@ -166,7 +162,15 @@ def _model_spec(cfg: SFTConfig) -> ModelSpec:
     )
 
 
-def _encoded(cfg, tokenizer, source, split, acc, load, encode) -> list[Any] | None:
+def train_and_eval_sets(cfg, tokenizer, acc, load, encode) -> tuple[list[Any], list[Any] | None]:
+    """``data.train`` and ``data.eval`` (None when unset), each read and encoded by
+    :func:`encoded_dataset` with ``load`` and ``encode``."""
+    train_set = encoded_dataset(cfg, tokenizer, cfg.data.train, "train", acc, load, encode)
+    eval_set = encoded_dataset(cfg, tokenizer, cfg.data.eval, "test", acc, load, encode)
+    return train_set, eval_set
+
+
+def encoded_dataset(cfg, tokenizer, source, split, acc, load, encode) -> list[Any] | None:
     """Read, validate and tokenize one dataset, reporting what truncation did to it and, with
     ``data.on_error=skip``, which malformed rows were left out and why."""
     if source is None:
@@ -211,7 +215,7 @@ def run_data_check(cfg: SFTConfig, specs: list[str], kind: str) -> int:
     if not sources:
         raise ConfigError("nothing to check: name a dataset, or set data.train")
     budget = Budget(cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.truncation)
-    tokenizer = load_tokenizer(_model_spec(cfg))
+    tokenizer = load_tokenizer(model_spec(cfg))
     found = 0
     for spec, split in sources:
         result = check_dataset(spec, split, kind, tokenizer, budget)
@@ -223,7 +227,7 @@ def run_data_check(cfg: SFTConfig, specs: list[str], kind: str) -> int:
     return 1 if found else 0
 
 
-def _train_and_save(
+def train_and_save(
     cfg, command, acc, model, tokenizer, objective, train_set, eval_set, finish: bool = True
 ):
     """Train, then save the model, tokenizer and card to ``cfg.output_dir``; ``finish=False``

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.commands import _model_spec, run_dpo
+from preftune.commands import model_spec, run_dpo
 from preftune.config import DPOConfig, load_config
 from preftune.errors import TrainingError
 from preftune.models import load
@@ -132,7 +132,7 @@ def test_remote_code_stays_off_unless_the_config_turns_it_on(
     monkeypatch.setattr(load.AutoTokenizer, "from_pretrained", from_pretrained)
     monkeypatch.setattr(load.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     for overrides in ([], ["model.trust_remote_code=true"]):
-        spec = _model_spec(load_config(DPOConfig, None, ["model=org/some-model", *overrides]))
+        spec = model_spec(load_config(DPOConfig, None, ["model=org/some-model", *overrides]))
         load.load_tokenizer(spec)
         with pytest.raises(AttributeError):  # the stand-in is no model; only the call matters
             load.load_model(spec, None)

@@ -28,7 +28,13 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from preftune.commands import _accelerator, _encoded, _model_spec, _train_and_save, setup_paired
+from preftune.commands import (
+    make_accelerator,
+    model_spec,
+    setup_paired,
+    train_and_eval_sets,
+    train_and_save,
+)
 from preftune.config import SPINConfig, to_dict
 from preftune.data.encode import (
     EncodedDemo,
@@ -54,10 +60,9 @@ ITERATION_FILES = ("metrics.jsonl", "preftune_config.yaml", "README.md", RECORD)
 def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
     """Run the iterations not finished earlier in ``cfg.output_dir``; returns one record per
     iteration: its pair counts and its final metrics."""
-    acc = _accelerator(cfg)
-    tokenizer = load_tokenizer(_model_spec(cfg))
-    train_demos = _encoded(cfg, tokenizer, cfg.data.train, "train", acc, load_demos, encode_demos)
-    eval_demos = _encoded(cfg, tokenizer, cfg.data.eval, "test", acc, load_demos, encode_demos)
+    acc = make_accelerator(cfg)
+    tokenizer = load_tokenizer(model_spec(cfg))
+    train_demos, eval_demos = train_and_eval_sets(cfg, tokenizer, acc, load_demos, encode_demos)
     records = []
     for iteration in range(1, cfg.spin.iterations + 1):
         directory = iteration_dir(cfg, iteration)
@@ -154,7 +159,7 @@ def _iteration(cfg, iteration, acc, tokenizer, train_demos, eval_demos) -> dict[
     )
     run_cfg = replace(cfg, output_dir=str(directory))
     args = (run_cfg, "spin", acc, model, tokenizer, objective, train_set, eval_set)
-    record |= _train_and_save(*args, finish=False)
+    record |= train_and_save(*args, finish=False)
     if acc.is_main_process:
         _write_atomic(directory / RECORD, json.dumps(record, indent=1) + "\n")
     acc.wait_for_everyone()
@@ -163,7 +168,7 @@ def _iteration(cfg, iteration, acc, tokenizer, train_demos, eval_demos) -> dict[
 
 def _iterate(cfg: SPINConfig, index: int, tokenizer) -> torch.nn.Module:
     """Iterate ``index``: ``model.path`` for 0, else the model saved by that iteration."""
-    spec = _model_spec(cfg)
+    spec = model_spec(cfg)
     if index > 0:
         # A saved iterate is a plain model directory; the tiny preset's sizes do not apply.
         path = iteration_dir(cfg, index).resolve()
