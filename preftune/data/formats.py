@@ -85,11 +85,11 @@ def records_from_rows(
 
 def _first_kind(rows: Rows) -> str:
     for _, row in rows:
-        if (_present(row, "chosen") and _present(row, "rejected")) or _present(row, "responses"):
+        if (has_field(row, "chosen") and has_field(row, "rejected")) or has_field(row, "responses"):
             return "pairs"
-        if _present(row, "completion") and _present(row, "label"):
+        if has_field(row, "completion") and has_field(row, "label"):
             return "unpaired"
-        if _present(row, "messages") or _present(row, "completion"):
+        if has_field(row, "messages") or has_field(row, "completion"):
             return "sft"
     return "pairs"
 
@@ -98,30 +98,32 @@ def pairs_from_rows(
     spec: str, rows: Rows, skipped: Skipped = None
 ) -> tuple[list[Pair] | list[Ranked], str]:
     """Pairs from rows already read (see ``load_pairs``)."""
-    layout, first = _layout(spec, rows, _pair_layout, skipped)
+    layout, first = first_layout(spec, rows, _pair_layout, skipped)
     if first == len(rows):
         return [], layout
     read = _PAIR_READERS[layout]
     # Whether implicit pairs are text or conversations is also fixed by the first row.
     if layout == "implicit" and isinstance(rows[first][1]["chosen"], list):
         read = _implicit_conversation
-    return _convert(spec, rows[first:], layout, PAIR_FIELDS, _pair_layout, read, skipped), layout
+    pairs = convert_rows(spec, rows[first:], layout, PAIR_FIELDS, _pair_layout, read, skipped)
+    return pairs, layout
 
 
 def demos_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[list[Demo], str]:
     """Demonstrations from rows already read (see ``load_demos``)."""
-    layout, first = _layout(spec, rows, _demo_layout, skipped)
+    layout, first = first_layout(spec, rows, _demo_layout, skipped)
     if first == len(rows):
         return [], layout
     conversational = layout == "messages" or isinstance(rows[first][1]["prompt"], list)
 
-    def read(check: _Checker) -> Demo:
+    def read(check: RowChecker) -> Demo:
         return _read_demo(check, layout, conversational)
 
-    return _convert(spec, rows[first:], layout, DEMO_FIELDS, _demo_layout, read, skipped), layout
+    demos = convert_rows(spec, rows[first:], layout, DEMO_FIELDS, _demo_layout, read, skipped)
+    return demos, layout
 
 
-def _layout(spec: str, rows: Rows, detect: _Detector, skipped: Skipped) -> tuple[str, int]:
+def first_layout(spec: str, rows: Rows, detect: _Detector, skipped: Skipped) -> tuple[str, int]:
     """The layout of the first row that has one, and that row's index; rows before it are bad.
     With no such row (only when collecting), ``("none", len(rows))``."""
     for index, (number, row) in enumerate(rows):
@@ -132,18 +134,18 @@ def _layout(spec: str, rows: Rows, detect: _Detector, skipped: Skipped) -> tuple
     return "none", len(rows)
 
 
-def _convert(
+def convert_rows(
     spec: str,
     rows: Rows,
     layout: str,
     fields: dict[str, tuple[str, ...]],
     detect: _Detector,
-    read: Callable[[_Checker], R],
+    read: Callable[[RowChecker], R],
     skipped: Skipped,
 ) -> list[R]:
     records = []
     for number, row in rows:
-        check = _Checker(spec, number, row)
+        check = RowChecker(spec, number, row)
         try:
             check.conforms(layout, fields[layout], detect)
             records.append(replace(read(check), row=number))
@@ -152,20 +154,20 @@ def _convert(
     return records
 
 
-def _present(row: Row, field: str) -> bool:
+def has_field(row: Row, field: str) -> bool:
     # Column-based sources (parquet, datasets) fill a field a row lacks with None.
     return row.get(field) is not None
 
 
 def _pair_layout(spec: str, number: int, row: Row) -> str:
-    if _present(row, "responses"):
+    if has_field(row, "responses"):
         return "ranked"
     for field in ("chosen", "rejected"):
-        if not _present(row, field):
+        if not has_field(row, field):
             columns = ", ".join(row) or "none"
             message = f"missing; preference data needs chosen and rejected (columns: {columns})"
             raise DataError(spec, message, row=number, field=field)
-    if _present(row, "prompt"):
+    if has_field(row, "prompt"):
         return "conversational" if isinstance(row["prompt"], list) else "standard"
     chosen = row["chosen"]
     if isinstance(chosen, str) and HUMAN in chosen and ASSISTANT in chosen:
@@ -174,17 +176,17 @@ def _pair_layout(spec: str, number: int, row: Row) -> str:
 
 
 def _demo_layout(spec: str, number: int, row: Row) -> str:
-    if _present(row, "prompt") and _present(row, "completion"):
+    if has_field(row, "prompt") and has_field(row, "completion"):
         return "prompt_completion"
-    if _present(row, "messages"):
+    if has_field(row, "messages"):
         return "messages"
-    field = "completion" if _present(row, "prompt") else "messages"
+    field = "completion" if has_field(row, "prompt") else "messages"
     columns = ", ".join(row) or "none"
     message = f"missing; demos need prompt and completion, or messages (columns: {columns})"
     raise DataError(spec, message, row=number, field=field)
 
 
-class _Checker:
+class RowChecker:
     """Validates the fields of one row, raising errors that name the source, row and field."""
 
     def __init__(self, spec: str, number: int, row: Row) -> None:
@@ -196,7 +198,7 @@ class _Checker:
     def conforms(self, dataset: str, fields: tuple[str, ...], detect: _Detector) -> None:
         """Checks the row has the dataset's fields, then that it has the dataset's layout."""
         for field in fields:
-            if not _present(self.row, field):
+            if not has_field(self.row, field):
                 raise self.error(f"missing (layout {dataset} needs {', '.join(fields)})", field)
         found = detect(self.spec, self.number, self.row)
         # A transcript-looking row in a plain implicit dataset is still a valid implicit pair.
@@ -271,18 +273,18 @@ class _Checker:
         return conversation[:-1], conversation[-1:]
 
 
-def _standard(check: _Checker) -> Pair:
+def _standard(check: RowChecker) -> Pair:
     prompt = check.string("prompt")
     return Pair(prompt, check.string("chosen", True), check.string("rejected", True))
 
 
-def _conversational(check: _Checker) -> Pair:
+def _conversational(check: RowChecker) -> Pair:
     prompt = check.conversation("prompt")
     chosen = check.conversation("chosen", response=True)
     return Pair(prompt, chosen, check.conversation("rejected", response=True))
 
 
-def _implicit_conversation(check: _Checker) -> Pair:
+def _implicit_conversation(check: RowChecker) -> Pair:
     prompt, chosen = check.final_assistant("chosen")
     rejected_prompt, rejected = check.final_assistant("rejected")
     if rejected_prompt != prompt:
@@ -291,7 +293,7 @@ def _implicit_conversation(check: _Checker) -> Pair:
     return Pair(prompt, chosen, rejected)
 
 
-def _implicit_text(check: _Checker) -> Pair:
+def _implicit_text(check: RowChecker) -> Pair:
     chosen, rejected = check.string("chosen"), check.string("rejected")
     shared = next(
         (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
@@ -306,7 +308,7 @@ def _implicit_text(check: _Checker) -> Pair:
     return _split(check, chosen[:cut], chosen, rejected)
 
 
-def _hh(check: _Checker) -> Pair:
+def _hh(check: RowChecker) -> Pair:
     chosen, rejected = check.string("chosen"), check.string("rejected")
     prompt = chosen[: chosen.rfind(ASSISTANT) + len(ASSISTANT)]
     if not rejected.startswith(prompt):
@@ -315,7 +317,7 @@ def _hh(check: _Checker) -> Pair:
     return _split(check, prompt, chosen, rejected)
 
 
-def _split(check: _Checker, prompt: str, chosen: str, rejected: str) -> Pair:
+def _split(check: RowChecker, prompt: str, chosen: str, rejected: str) -> Pair:
     pair = Pair(prompt, chosen[len(prompt) :], rejected[len(prompt) :])
     check.nonempty(pair.chosen, "chosen")
     check.nonempty(pair.rejected, "rejected")
@@ -331,7 +333,7 @@ _PAIR_READERS = {
 }
 
 
-def _read_demo(check: _Checker, layout: str, conversational: bool) -> Demo:
+def _read_demo(check: RowChecker, layout: str, conversational: bool) -> Demo:
     if layout == "messages":
         return Demo(*check.final_assistant("messages"))
     prompt = check.text("prompt", conversational)

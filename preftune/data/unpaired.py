@@ -15,7 +15,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from preftune.data.encode import TruncationReport, encode_demos
-from preftune.data.formats import _Checker, _convert, _layout, _present, pairs_from_rows
+from preftune.data.formats import RowChecker, convert_rows, first_layout, has_field, pairs_from_rows
 from preftune.data.records import Demo, Pair, Rated
 from preftune.data.sources import Row, Rows, Skipped, read_rows
 from preftune.errors import DataError
@@ -51,17 +51,18 @@ def rated_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[lis
         pairs, layout = pairs_from_rows(spec, rows, skipped)
         layout = f"{layout} pairs, split into desirable (chosen) and undesirable (rejected)"
         return split_pairs(pairs), layout
-    layout, first = _layout(spec, rows, _unpaired_layout, skipped)
+    layout, first = first_layout(spec, rows, _unpaired_layout, skipped)
     if first == len(rows):
         return [], layout
     conversational = isinstance(rows[first][1]["prompt"], list)
 
-    def read(check: _Checker) -> Rated:
+    def read(check: RowChecker) -> Rated:
         prompt = check.text("prompt", conversational)
         completion = check.text("completion", conversational, response=True)
         return Rated(prompt, completion, _label(check))
 
-    records = _convert(spec, rows[first:], layout, UNPAIRED_FIELDS, _unpaired_layout, read, skipped)
+    fields = UNPAIRED_FIELDS
+    records = convert_rows(spec, rows[first:], layout, fields, _unpaired_layout, read, skipped)
     return records, layout
 
 
@@ -118,16 +119,16 @@ def label_counts(examples: Sequence[EncodedRated]) -> tuple[int, int]:
 
 def _paired(rows: Rows) -> bool:
     for _, row in rows:
-        if _present(row, "label"):
+        if has_field(row, "label"):
             return False
-        if _present(row, "chosen") and _present(row, "rejected"):
+        if has_field(row, "chosen") and has_field(row, "rejected"):
             return True
     return False
 
 
 def _unpaired_layout(spec: str, number: int, row: Row) -> str:
     for field_name in UNPAIRED_FIELDS["unpaired"]:
-        if not _present(row, field_name):
+        if not has_field(row, field_name):
             columns = ", ".join(row) or "none"
             message = (
                 "missing; KTO data needs prompt, completion and label, or chosen and rejected "
@@ -137,7 +138,7 @@ def _unpaired_layout(spec: str, number: int, row: Row) -> str:
     return "unpaired"
 
 
-def _label(check: _Checker) -> bool:
+def _label(check: RowChecker) -> bool:
     value: Any = check.row["label"]
     if isinstance(value, bool):
         return value
