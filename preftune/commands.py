@@ -18,7 +18,7 @@ from preftune.data.comparisons import encode_comparisons, load_comparisons
 from preftune.data.encode import TruncationReport, encode_demos, encode_pairs
 from preftune.data.formats import load_demos, load_pairs
 from preftune.data.unpaired import encode_rated, label_counts, load_rated
-from preftune.errors import ConfigError, DataError
+from preftune.errors import ConfigError, DataError, PreftuneError
 from preftune.losses import combined_loss
 from preftune.models.load import ModelSpec, load_model, load_tokenizer, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora, save_merged
@@ -30,6 +30,7 @@ from preftune.objectives.reward import RewardObjective
 from preftune.objectives.sft import SFTObjective
 from preftune.train.card import write_model_card
 from preftune.train.loop import Run, micro_batch_size, train
+from preftune.train.plots import plot_metrics
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -245,9 +246,18 @@ def train_and_save(
             model = save_merged(model, output_dir)
         model.save_pretrained(output_dir, safe_serialization=True)
         tokenizer.save_pretrained(output_dir)
+        _plot_metrics(output_dir, acc)
         write_model_card(output_dir, command, cfg.model.path, config, metrics)
         acc.print(f"saved the {command} model to {output_dir}")
     acc.wait_for_everyone()
     if finish:
         acc.end_training()
     return metrics
+
+
+def _plot_metrics(output_dir: Path, acc: Accelerator) -> None:
+    """``metrics.png`` when matplotlib is installed; without it, a line saying so."""
+    try:
+        plot_metrics(output_dir)
+    except PreftuneError as missing:
+        acc.print(f"no metrics.png: {missing}")

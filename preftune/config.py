@@ -164,6 +164,8 @@ def _instantiate(cls: type[C], values: dict[str, Any], prefix: str) -> C:
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> Any:
+    if isinstance(value, list):
+        return [_check_choice(key, item, choices) for item in value]
     if choices and value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
         hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,23 @@ def test_training_learns_the_sample_preference(small_run: list[str], tmp_path: P
     assert metrics["eval/loss"] < 0.5
     assert (tmp_path / "out" / "tensorboard").is_dir()
     assert any((tmp_path / "out" / "tensorboard").iterdir())
+    assert (tmp_path / "out" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![training curves](metrics.png)" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_without_matplotlib_a_run_says_there_is_no_plot(
+    small_run: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    dpo([*small_run, "train.max_steps=2"])
+    assert "no metrics.png: plotting metrics needs matplotlib: pip install 'preftune[demo]'" in (
+        capsys.readouterr().out
+    )
+    assert not (tmp_path / "out" / "metrics.png").exists()
+    assert "metrics.png" not in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_micro_batches_match_one_full_batch(small_run: list[str], tmp_path: Path) -> None:

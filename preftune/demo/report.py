@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from preftune.errors import PreftuneError
+from preftune.train.plots import pyplot, read_records
 
 COLOURS = {"sft": "black", "dpo": "tab:blue", "preferred-ft": "tab:orange"}
 
@@ -15,7 +15,7 @@ def write_report(
     out: Path, rows: list[dict[str, Any]], policies: list, judge: str = "VADER"
 ) -> None:
     (out / "results.json").write_text(json.dumps({"judge": judge, "rows": rows}, indent=2) + "\n")
-    plt = _pyplot()
+    plt = pyplot("preftune demo")
     plot_frontier(plt, rows, out / "frontier.png", judge)
     plot_curves(plt, policies, out / "curves.png")
     print(table(rows, judge))
@@ -81,7 +81,7 @@ def plot_frontier(plt, rows: list[dict[str, Any]], path: Path, judge: str = "VAD
 def plot_curves(plt, policies: list, path: Path) -> None:
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for policy in policies:
-        records = _records(policy.directory / "metrics.jsonl")
+        records = read_records(policy.directory / "metrics.jsonl")
         train = [r for r in records if "loss" in r]
         name = policy.method if policy.beta is None else f"DPO β={policy.beta:g}"
         loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
@@ -103,20 +103,3 @@ def plot_curves(plt, policies: list, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise PreftuneError(
-            "preftune demo plots with matplotlib: pip install 'preftune[demo]'"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -54,7 +54,14 @@ from preftune.train.checkpoint import latest_checkpoint
 # Written last in an iteration's directory: the iteration is finished when it exists.
 RECORD = "spin_iteration.json"
 # Files of the last iteration's directory that describe that iteration, not the final model.
-ITERATION_FILES = ("metrics.jsonl", "preftune_config.yaml", "README.md", RECORD)
+ITERATION_FILES = (
+    "metrics.jsonl",
+    "metrics.png",
+    "trackers.json",
+    "preftune_config.yaml",
+    "README.md",
+    RECORD,
+)
 
 
 def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ def write_model_card(
     metrics: dict[str, float],
 ) -> None:
     rows = "\n".join(f"| `{key}` | {value:.6g} |" for key, value in sorted(metrics.items()))
+    curves = _curves(output_dir)
     text = f"""---
 library_name: transformers
 tags: [preftune, {command}]
@@ -40,6 +41,12 @@ Trained with `preftune {command}` (preftune {__version__}) from `{base_model}`.
 {yaml.safe_dump(config, sort_keys=False).strip()}
 ```
 
-Metrics per step are in `metrics.jsonl` and `tensorboard/`.
+Metrics per step are in `metrics.jsonl`{curves}.
 """
     (output_dir / "README.md").write_text(text)
+
+
+def _curves(output_dir: Path) -> str:
+    if (output_dir / "metrics.png").exists():
+        return ", drawn below\n\n![training curves](metrics.png)"
+    return ""

@@ -25,6 +25,7 @@ from preftune.train.metrics_log import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
 from preftune.train.sampler import StepSampler, chunks, process_share
 from preftune.train.settings import TrainConfig
+from preftune.train.trackers import open_trackers
 
 
 @dataclass
@@ -52,6 +53,7 @@ RESUMABLE_CHANGES = (
     "train.save_every",
     "train.keep_checkpoints",
     "train.max_bad_steps",
+    "train.report_to",
     "data.on_error",
     "speed.cache_dir",
     "speed.reference_batch_size",
@@ -116,7 +118,12 @@ def train(run: Run) -> dict[str, float]:
         f"epoch left over by the batch size"
     )
     model, optimizer = acc.prepare(run.model, optimizer)
-    log = MetricsLog(run.output_dir, steps, start, acc.is_main_process, run.objective.name)
+    trackers = []
+    if acc.is_main_process:
+        trackers = open_trackers(cfg.report_to, run.output_dir, start, run.run_config)
+    log = MetricsLog(
+        run.output_dir, steps, start, acc.is_main_process, run.objective.name, trackers
+    )
     bad_in_a_row = 0
     try:
         for step in range(start + 1, steps + 1):

@@ -1,4 +1,5 @@
-"""Where metrics go: ``metrics.jsonl``, TensorBoard event files and a live progress bar."""
+"""Where metrics go: ``metrics.jsonl``, the trackers of ``train.report_to`` and a live progress
+bar."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import os
 import time
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from preftune.errors import TrainingError
+from preftune.train.trackers import Tracker
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins")
 
@@ -23,21 +24,25 @@ class MetricsLog:
     """
 
     def __init__(
-        self, output_dir: str | Path, total_steps: int, start_step: int, enabled: bool, desc: str
+        self,
+        output_dir: str | Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        desc: str,
+        trackers: list[Tracker] = (),
     ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tokens = 0
         self._clock = time.perf_counter()
         self.latest: dict[str, float] = {}
+        self.trackers = list(trackers)
         """Everything logged at the newest logged step, train and eval merged."""
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
-        self.writer = SummaryWriter(
-            str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1
-        )
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     def count_tokens(self, tokens: int) -> None:
@@ -54,8 +59,8 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": step, **_finite(record)}) + "\n")
-            for key, value in record.items():
-                self.writer.add_scalar(key, value, step)
+            for tracker in self.trackers:
+                tracker.log(record, step)
             shown = {k.removeprefix("rewards/"): f"{record[k]:.4g}" for k in SHOWN if k in record}
             self.bar.set_postfix(shown, refresh=False)
         return record
@@ -66,7 +71,8 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.enabled:
-            self.writer.close()
+            for tracker in self.trackers:
+                tracker.close()
             self.bar.close()
 
     def _remember(self, step: int, record: dict[str, float]) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from preftune.fields import option
+from preftune.train.trackers import check_trackers
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 
 
 @dataclass
@@ -27,7 +30,15 @@ class TrainConfig:
     eval_every: int = option(0, "evaluate every N steps (0: only at the end); needs data.eval")
     save_every: int = option(500, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "keep only the newest N checkpoints (0: keep all)")
+    report_to: list[str] = option(
+        ["tensorboard"],
+        "where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow, or none",
+        TRACKERS,
+    )
     max_bad_steps: int = option(
         3,
         "a step with a non-finite loss or gradient is skipped; stop after N in a row (0: never)",
     )
+
+    def __post_init__(self) -> None:
+        check_trackers(self.report_to)

@@ -1,0 +1,68 @@
+"""A run's training curves as a picture: ``output_dir/metrics.png``, from ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import PreftuneError
+
+# Panels, each of the metrics it shows, in order; a panel is drawn when its first metric was
+# logged. Evaluation values (``eval/`` keys) are drawn as points on the same panel.
+PANELS = (
+    ("loss", ("loss",)),
+    ("implicit reward", ("rewards/chosen", "rewards/rejected")),
+    ("reward margin", ("rewards/margins",)),
+    ("pair accuracy", ("rewards/accuracies",)),
+)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pyplot(purpose: str):
+    """matplotlib's pyplot on a file-only backend, or a one-line error saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PreftuneError(f"{purpose} needs matplotlib: pip install 'preftune[demo]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(output_dir: Path) -> Path | None:
+    """Draw ``output_dir/metrics.png`` from ``output_dir/metrics.jsonl``: one panel per metric
+    group, training values as lines and evaluation values as points. Returns its path, or None
+    when nothing was logged."""
+    records = read_records(output_dir / "metrics.jsonl")
+    panels = [(title, keys) for title, keys in PANELS if any(keys[0] in r for r in records)]
+    if not panels:
+        return None
+    plt = pyplot("plotting metrics")
+    figure, _ = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
+    for ax, (title, keys) in zip(figure.axes, panels, strict=True):
+        for key in keys:
+            label = key.removeprefix("rewards/")
+            train = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            colour = None
+            if train:
+                (line,) = ax.plot(*zip(*train, strict=True), label=label)
+                colour = line.get_color()
+            evals = [
+                (r["step"], r[f"eval/{key}"]) for r in records if r.get(f"eval/{key}") is not None
+            ]
+            if evals:
+                ax.plot(*zip(*evals, strict=True), "o", color=colour, label=f"eval {label}")
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    path = output_dir / "metrics.png"
+    figure.savefig(path)
+    plt.close(figure)
+    return path
