@@ -261,10 +261,9 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, params: int
             f"{row['peak_gib']:.2f} | {row['step1_loss']:.7f} | "
             f"{mfu(row['tokens_per_second'], params, args.peak_tflops)} |"
         )
-    trl = [name for name in rows if name.startswith("TRL")]
-    best = max(trl, key=lambda name: rows[name]["tokens_per_second"])
+    if "preftune" not in rows:
+        return
     ours = rows["preftune"]
-    print(f"\nTRL's best setting: {best}")
     print("\n| lever switched off | preftune tokens/s | slowdown | peak memory GiB |")
     print("|---|---|---|---|")
     for lever in LEVERS:
@@ -275,6 +274,11 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, params: int
                 f"| {lever} | {row['tokens_per_second']:.0f} | {slowdown:.2f}x | "
                 f"{row['peak_gib']:.2f} |"
             )
+    trl = [name for name in rows if name.startswith("TRL")]
+    if not trl:
+        return
+    best = max(trl, key=lambda name: rows[name]["tokens_per_second"])
+    print(f"\nTRL's best setting: {best}")
     speedup = ours["tokens_per_second"] / rows[best]["tokens_per_second"]
     memory = ours["peak_gib"] / rows[best]["peak_gib"]
     delta = ours["step1_loss"] - rows[best]["step1_loss"]
