@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from preftune.data.collate import collate_demos
-from preftune.data.encode import EncodedDemo, TruncationReport, check_budget, fit, tokenize_pairs
+from preftune.data.encode import EncodedDemo, TruncationReport, tokenize_and_fit, tokenize_pairs
 from preftune.data.formats import pairs_from_rows
 from preftune.data.records import Pair, Ranked, Ranking
 from preftune.data.sources import Row, Skipped, keep_or_raise, read_rows
@@ -96,9 +96,10 @@ def encode_comparisons(
 ) -> tuple[list[EncodedComparison], TruncationReport]:
     """Token ids of each comparison's prompt and responses, fitted to the length budget as
     ``encode_pairs`` fits them: the prompt once, every response after it."""
-    check_budget(max_length, max_prompt_length, truncation)
-    tokenized = tokenize_pairs(comparisons, tokenizer, source, skipped)
-    encoded, report = fit(tokenized, max_length, max_prompt_length, truncation)
+    budget = (max_length, max_prompt_length, truncation)
+    encoded, report = tokenize_and_fit(
+        tokenize_pairs, comparisons, tokenizer, budget, source, skipped
+    )
     return [
         EncodedComparison(e.prompt, e.responses, e.record.ranking, e.record.margin, e.row)
         for e in encoded

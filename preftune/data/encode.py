@@ -7,17 +7,27 @@ the response tokens a loss is taken over are the same for chosen and rejected.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.data.records import Demo, Message, Pair, Ranked, Text, preferences, tied_pairs
+from preftune.data.records import (
+    Demo,
+    Message,
+    Pair,
+    Ranked,
+    Rated,
+    Text,
+    preferences,
+    tied_pairs,
+)
 from preftune.data.sources import keep_or_raise
 from preftune.errors import ConfigError, DataError, PreftuneError
 
 TRUNCATIONS = ("keep_end", "keep_start")
-Record = Pair | Ranked | Demo
+Record = Pair | Ranked | Demo | Rated
 
 
 @dataclass
@@ -126,9 +136,8 @@ def encode_pairs(
     one chosen. Its prompt and each response are tokenized and fitted once, and its pairs share
     the prompt's id list; the report is then an :class:`ExpansionReport`.
     """
-    check_budget(max_length, max_prompt_length, truncation)
-    tokenized = tokenize_pairs(pairs, tokenizer, source, skipped)
-    encoded, report = fit(tokenized, max_length, max_prompt_length, truncation)
+    budget = (max_length, max_prompt_length, truncation)
+    encoded, report = tokenize_and_fit(tokenize_pairs, pairs, tokenizer, budget, source, skipped)
     if not any(isinstance(record, Ranked) for record in pairs):
         return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in encoded], report
     expanded = [
@@ -153,10 +162,24 @@ def encode_demos(
     skipped: list[DataError] | None = None,
 ) -> tuple[list[EncodedDemo], TruncationReport]:
     """Token ids for each demonstration, fitted to the budget exactly as in ``encode_pairs``."""
-    check_budget(max_length, max_prompt_length, truncation)
-    tokenized = tokenize_demos(demos, tokenizer, source, skipped)
-    encoded, report = fit(tokenized, max_length, max_prompt_length, truncation)
+    budget = (max_length, max_prompt_length, truncation)
+    encoded, report = tokenize_and_fit(tokenize_demos, demos, tokenizer, budget, source, skipped)
     return [EncodedDemo(e.prompt, *e.responses, row=e.row) for e in encoded], report
+
+
+def tokenize_and_fit(
+    tokenize: Callable[..., list[Tokenized]],
+    records: Sequence[Any],
+    tokenizer: PreTrainedTokenizerBase,
+    budget: tuple[int, int | None, str],
+    source: str,
+    skipped: list[DataError] | None,
+) -> tuple[list[Tokenized], TruncationReport]:
+    """``records`` tokenized by ``tokenize`` (:func:`tokenize_pairs` or :func:`tokenize_demos`)
+    and fitted to ``budget`` = (max_length, max_prompt_length, truncation), which is checked
+    before any tokenizing: the steps every ``encode_*`` function shares."""
+    check_budget(*budget)
+    return fit(tokenize(records, tokenizer, source, skipped), *budget)
 
 
 def tokenize_pairs(
@@ -175,12 +198,12 @@ def tokenize_pairs(
 
 
 def tokenize_demos(
-    demos: Sequence[Demo],
+    demos: Sequence[Demo] | Sequence[Rated],
     tokenizer: PreTrainedTokenizerBase,
     source: str = "data",
     skipped: list[DataError] | None = None,
 ) -> list[Tokenized]:
-    """Untruncated ids of each demonstration's prompt and completion."""
+    """Untruncated ids of each demonstration's (or judged completion's) prompt and completion."""
     examples = [(demo.prompt, (demo.completion,), demo.row, demo) for demo in demos]
     return _tokenize(examples, tokenizer, source, skipped)
 

@@ -20,7 +20,6 @@ from preftune.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-KINDS = ("pairs", "sft")
 
 PAIR_FIELDS = {
     "standard": ("prompt", "chosen", "rejected"),

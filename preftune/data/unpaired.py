@@ -9,14 +9,14 @@ undesirable, both carrying the pair's source row.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.data.encode import TruncationReport, encode_demos
+from preftune.data.encode import TruncationReport, tokenize_and_fit, tokenize_demos
 from preftune.data.formats import RowChecker, convert_rows, first_layout, has_field, pairs_from_rows
-from preftune.data.records import Demo, Pair, Rated
+from preftune.data.records import Pair, Rated
 from preftune.data.sources import Row, Rows, Skipped, read_rows
 from preftune.errors import DataError
 
@@ -89,26 +89,11 @@ def encode_rated(
     skipped: list[DataError] | None = None,
 ) -> tuple[list[EncodedRated], TruncationReport]:
     """Token ids for each judged completion, fitted to the budget exactly as a demonstration is
-    (see ``encode_pairs``), in source order; the report covers both labels."""
-    encoded: list[EncodedRated] = []
-    reports = []
-    for label in (True, False):
-        demos = [Demo(r.prompt, r.completion, r.row) for r in records if r.label == label]
-        examples, report = encode_demos(
-            demos,
-            tokenizer,
-            max_length,
-            max_prompt_length,
-            truncation,
-            source=source,
-            skipped=skipped,
-        )
-        encoded += [EncodedRated(e.prompt_ids, e.completion_ids, label, e.row) for e in examples]
-        reports.append(astuple(report))
-    if all(example.row is not None for example in encoded):
-        # Stable: of a split pair, the desirable completion stays first.
-        encoded.sort(key=lambda example: example.row)
-    return encoded, TruncationReport(*map(sum, zip(*reports, strict=True)))
+    (see ``encode_pairs``), in source order."""
+    budget = (max_length, max_prompt_length, truncation)
+    encoded, report = tokenize_and_fit(tokenize_demos, records, tokenizer, budget, source, skipped)
+    rated = [EncodedRated(e.prompt, e.responses[0], e.record.label, e.row) for e in encoded]
+    return rated, report
 
 
 def label_counts(examples: Sequence[EncodedRated]) -> tuple[int, int]:
