@@ -19,7 +19,6 @@ from preftune.data.encode import TruncationReport, encode_demos, encode_pairs
 from preftune.data.formats import load_demos, load_pairs
 from preftune.data.unpaired import encode_rated, label_counts, load_rated
 from preftune.errors import ConfigError, DataError, PreftuneError
-from preftune.losses import combined_loss
 from preftune.models.load import ModelSpec, load_model, load_tokenizer, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora, save_merged
 from preftune.models.refcache import ReferencePass, cache_key, cache_root, model_digest
@@ -50,10 +49,8 @@ def setup_paired(cfg: DPOConfig, acc, model, pad_id, train_set, eval_set):
     """The paired objective of ``cfg.loss`` for ``model``, whose weights as given are the
     reference: returns the policy (with LoRA adapters when ``lora.r`` is set), the objective
     and the two datasets, which carry their reference log-probs when those are cached."""
-    # LossConfig has checked the loss names, weights and label smoothing when it was built.
-    spec = combined_loss(cfg.loss.type, cfg.loss.weights)
     objective = PairedObjective(cfg.loss, None, pad_id, cfg.speed)
-    needs_reference = spec.needs_reference and not cfg.loss.reference_free
+    needs_reference = objective.spec.needs_reference and not cfg.loss.reference_free
     cached = needs_reference and cfg.speed.reference_cache
     base_hash = model_digest(model) if cached else ""
     model = _maybe_lora(cfg, model)

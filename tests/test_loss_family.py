@@ -39,7 +39,9 @@ def test_a_list_of_losses_and_weights_parses() -> None:
     ("overrides", "message"),
     [
         (["loss.type=[sigmoid, simpoo]"], r"'simpoo' is not one of .*did you mean 'simpo'"),
-        (["loss.type=[sigmoid, sft]", "loss.weights=[1.0]"], r"one weight per loss.*2, got 1"),
+        (["loss.type=[sigmoid, sft]", "loss.weights=[1.0]"], r"1 weights for 2 losses"),
+        (["loss.simpo_gamma=1.0"], r"loss\.simpo_gamma has no effect with loss\.type=sigmoid"),
+        (["loss.type=ipo", "loss.discopop_tau=0.1"], r"loss\.discopop_tau has no effect"),
         (["loss.type=ipo", "loss.label_smoothing=0.1"], r"no effect with loss\.type=ipo"),
         (["loss.type=[ipo, sft]", "loss.label_smoothing=0.1"], r"loss\.type=\[ipo, sft\]"),
         (["loss.type=robust", "loss.label_smoothing=0.5"], r"must be in \[0, 0\.5\)"),

@@ -15,6 +15,7 @@ from preftune.losses.base import (
     LossParams,
     PairLogps,
     implicit_rewards,
+    implicit_rewards_with_grad,
     log_ratios,
     paired_loss,
 )
@@ -90,11 +91,3 @@ def apo_down_loss(policy: PairLogps, reference: PairLogps | None, params: LossPa
     chosen, rejected = implicit_rewards_with_grad(policy, reference, params.beta)
     losses = torch.sigmoid(chosen) - torch.sigmoid(chosen - rejected)
     return LossOutput(losses, *implicit_rewards(policy, reference, params.beta))
-
-
-def implicit_rewards_with_grad(
-    policy: PairLogps, reference: PairLogps | None, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_w, r_l), differentiable: the rewards as terms of a loss."""
-    chosen, rejected = log_ratios(policy, reference)
-    return beta * chosen, beta * rejected

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -108,15 +109,26 @@ def preference_logits(policy: PairLogps, reference: PairLogps | None) -> torch.T
     return logits
 
 
+def implicit_rewards_with_grad(
+    policy: PairLogps, reference: PairLogps | None, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_w, r_l) = β (log π(y|x) − log π_ref(y|x)) of chosen and rejected, differentiable: the
+    rewards as terms of a loss."""
+    chosen, rejected = log_ratios(policy, reference)
+    return beta * chosen, beta * rejected
+
+
 def implicit_rewards(
     policy: PairLogps, reference: PairLogps | None, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """r(x, y) = β (log π(y|x) − log π_ref(y|x)), detached: a metric, never a gradient path."""
-    chosen, rejected = policy.chosen.detach(), policy.rejected.detach()
-    if reference is not None:
-        chosen = chosen - reference.chosen.detach()
-        rejected = rejected - reference.rejected.detach()
-    return beta * chosen, beta * rejected
+    """The implicit rewards detached: a metric, never a gradient path."""
+    chosen, rejected = implicit_rewards_with_grad(policy, reference, beta)
+    return chosen.detach(), rejected.detach()
+
+
+def smoothed_logistic(logits: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """−(1−ε) log σ(z) − ε log σ(−z): the logistic loss of a label flipped with probability ε."""
+    return -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
 
 
 def chosen_nll(policy: PairLogps) -> torch.Tensor:

@@ -28,10 +28,11 @@ def combined_loss(names: Sequence[str], weights: Sequence[float] = ()) -> Paired
         if name not in PAIRED_LOSSES:
             close = closest_loss_name(name)
             hint = f"; did you mean '{close}'?" if close else ""
-            raise ValueError(f"unknown paired loss '{name}'{hint}")
+            known = ", ".join(sorted(PAIRED_LOSSES))
+            raise ValueError(f"'{name}' is not one of {known}{hint}")
     weights = list(weights) or [1.0] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"{len(weights)} weights for {len(names)} losses")
+        raise ValueError(f"{len(weights)} weights for {len(names)} losses: one weight per loss")
     parts = [PAIRED_LOSSES[name] for name in names]
     if len(parts) == 1 and weights[0] == 1:
         return parts[0]

@@ -21,6 +21,7 @@ from preftune.losses.base import (
     length_normalised,
     paired_loss,
     preference_logits,
+    smoothed_logistic,
 )
 
 # EXO's target (1 − ε, ε) needs ε > 0; the EXO authors' value for pairwise labels.
@@ -37,8 +38,7 @@ def sigmoid_loss(policy: PairLogps, reference: PairLogps | None, params: LossPar
     expected loss when each label is flipped with probability ε.
     """
     logits = params.beta * preference_logits(policy, reference)
-    smoothing = params.label_smoothing
-    losses = -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
+    losses = smoothed_logistic(logits, params.label_smoothing)
     return LossOutput(losses, *implicit_rewards(policy, reference, params.beta))
 
 

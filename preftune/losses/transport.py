@@ -14,7 +14,6 @@ c(Δ) = −(1−ε) log σ(β Δ) − ε log σ(−β Δ).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from preftune.losses.base import (
     LossOutput,
@@ -23,6 +22,7 @@ from preftune.losses.base import (
     implicit_rewards,
     log_ratios,
     paired_loss,
+    smoothed_logistic,
 )
 
 
@@ -37,7 +37,7 @@ def aot_loss(policy: PairLogps, reference: PairLogps | None, params: LossParams)
     if reference is not None:
         reference_margins = reference.chosen - reference.rejected
     delta = margins.sort().values - reference_margins.sort().values
-    losses = _cost(delta, params)
+    losses = smoothed_logistic(params.beta * delta, params.label_smoothing)
     return LossOutput(losses, *implicit_rewards(policy, reference, params.beta))
 
 
@@ -49,11 +49,5 @@ def aot_pair_loss(policy: PairLogps, reference: PairLogps | None, params: LossPa
     """
     chosen, rejected = log_ratios(policy, reference)
     delta = chosen.sort().values - rejected.sort().values
-    losses = _cost(delta, params)
+    losses = smoothed_logistic(params.beta * delta, params.label_smoothing)
     return LossOutput(losses, *implicit_rewards(policy, reference, params.beta))
-
-
-def _cost(delta: torch.Tensor, params: LossParams) -> torch.Tensor:
-    logits = params.beta * delta
-    smoothing = params.label_smoothing
-    return -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from preftune.errors import ConfigError
 from preftune.fields import option
-from preftune.losses import LOSS_NAMES, PAIRED_LOSSES, closest_loss_name, combined_loss
+from preftune.losses import LOSS_NAMES, combined_loss
 
 
 @dataclass
@@ -33,19 +33,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         if isinstance(self.type, str):
             self.type = [self.type]
-        for name in self.type:
-            if name not in PAIRED_LOSSES:
-                close = closest_loss_name(name)
-                hint = f"; did you mean '{close}'?" if close else ""
-                raise ConfigError(
-                    f"config key 'loss.type': '{name}' is not one of {', '.join(LOSS_NAMES)}{hint}"
-                )
-        if self.weights and len(self.weights) != len(self.type):
-            raise ConfigError(
-                f"loss.weights needs one weight per loss in loss.type: {len(self.type)}, "
-                f"got {len(self.weights)}"
-            )
-        spec = combined_loss(self.type, self.weights)
+        try:
+            spec = combined_loss(self.type, self.weights)
+        except ValueError as error:
+            raise ConfigError(f"loss.type, loss.weights: {error}") from None
         named = self.type[0] if len(self.type) == 1 else f"[{', '.join(self.type)}]"
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError("loss.label_smoothing must be in [0, 0.5)")
@@ -59,3 +50,9 @@ class LossConfig:
             raise ConfigError("loss.beta must be positive")
         if self.discopop_tau <= 0:
             raise ConfigError("loss.discopop_tau must be positive")
+        # A parameter of one loss, set away from its default while that loss is not used, would
+        # do nothing: say so instead.
+        for key, owner in (("simpo_gamma", "simpo"), ("discopop_tau", "discopop")):
+            default = LossConfig.__dataclass_fields__[key].default
+            if getattr(self, key) != default and owner not in self.type:
+                raise ConfigError(f"loss.{key} has no effect with loss.type={named}")
