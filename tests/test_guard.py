@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from preftune.commands import run_dpo
 from preftune.config import DPOConfig, load_config
-from preftune.errors import TrainingError
+from preftune.errors import ConfigError, TrainingError
 from preftune.objectives.dpo import PairedObjective
 from preftune.train.sampler import StepSampler
 from tests.conftest import LAUNCHER, ROOT, SAMPLE_TRAIN, read_metrics
@@ -189,3 +189,8 @@ def test_processes_agree_to_skip_a_step_only_one_saw_go_bad(tmp_path: Path) -> N
     first, second = (torch.load(out / f"weights-{r}.pt", weights_only=True) for r in (0, 1))
     assert same(first, second)
     assert [r.get("update_skipped") for r in read_metrics(out)] == [None, 1.0, None]
+
+
+def test_negative_max_bad_steps_is_refused_when_the_config_is_built() -> None:
+    with pytest.raises(ConfigError, match=r"^train\.max_bad_steps must be 0 or more, got -1$"):
+        load_config(DPOConfig, None, ["train.max_bad_steps=-1"])

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from preftune.data.encode import EncodedPair
+from preftune.files import replaced_atomically
 from preftune.models.attention import inner_model
 
 # Bump when the way log-probabilities are computed changes, so old caches are not reused.
@@ -89,9 +90,8 @@ class ReferencePass:
             values = self.compute(examples, label)
             if acc.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(f".{os.getpid()}.partial")
-                save_file({"logps": values.cpu().contiguous()}, partial)
-                os.replace(partial, path)
+                with replaced_atomically(path) as partial:
+                    save_file({"logps": values.cpu().contiguous()}, partial)
             acc.wait_for_everyone()
         if values.shape != (len(examples), 2):
             raise RuntimeError(f"{path} holds {tuple(values.shape)} values, not {len(examples)}")

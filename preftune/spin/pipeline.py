@@ -16,7 +16,6 @@ Iterate 0 is ``model.path``. Iterate t is saved to ``output_dir/iter-t``, the la
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import replace
@@ -45,6 +44,7 @@ from preftune.data.encode import (
     fit,
 )
 from preftune.data.formats import load_demos
+from preftune.files import write_text_atomically
 from preftune.models.generate import Sampling, generate_ids
 from preftune.models.load import load_model, load_tokenizer
 from preftune.spin.settings import SPINSettings
@@ -258,6 +258,4 @@ def _save_final(cfg: SPINConfig, acc: Accelerator, records: list[dict[str, Any]]
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    write_text_atomically(path, text)

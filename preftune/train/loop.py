@@ -104,8 +104,6 @@ def train(run: Run) -> dict[str, float]:
             f"data.train has {len(run.train_examples)} usable examples, fewer than "
             f"train.batch_size={cfg.batch_size}"
         )
-    if cfg.max_bad_steps < 0:
-        raise ConfigError(f"train.max_bad_steps must be 0 or more, got {cfg.max_bad_steps}")
     sampler = StepSampler(len(run.train_examples), cfg.batch_size, run.seed)
     steps = total_steps(cfg, sampler)
     optimizer = build_optimizer(run.model, cfg)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from preftune.errors import TrainingError
+from preftune.files import write_text_atomically
 from preftune.train.trackers import Tracker
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins")
@@ -37,8 +37,8 @@ class MetricsLog:
         self._tokens = 0
         self._clock = time.perf_counter()
         self.latest: dict[str, float] = {}
-        self.trackers = list(trackers)
         """Everything logged at the newest logged step, train and eval merged."""
+        self.trackers = list(trackers)
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +104,7 @@ class MetricsLog:
             if step_of_record <= step:
                 kept.append(line)
                 self._remember(record.pop("step"), record)
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        partial.write_text("".join(line + "\n" for line in kept))
-        os.replace(partial, self.path)
+        write_text_atomically(self.path, "".join(line + "\n" for line in kept))
 
 
 def _finite(record: dict[str, float]) -> dict[str, float | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from preftune.errors import ConfigError
 from preftune.fields import option
 from preftune.train.trackers import check_trackers
 
@@ -42,3 +43,5 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_trackers(self.report_to)
+        if self.max_bad_steps < 0:
+            raise ConfigError(f"train.max_bad_steps must be 0 or more, got {self.max_bad_steps}")

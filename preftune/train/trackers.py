@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from preftune.errors import ConfigError
+from preftune.files import write_text_atomically
 
 IDS_FILE = "trackers.json"
 
@@ -28,9 +29,9 @@ class Tracker(Protocol):
 def open_trackers(
     names: list[str], output_dir: Path, start_step: int, run_config: dict[str, Any]
 ) -> list[Tracker]:
-    """The trackers ``train.report_to`` names, opened for a run resuming after ``start_step``
-    (0: a new run). ``none`` alone means metrics.jsonl only."""
-    check_trackers(names)
+    """The trackers ``train.report_to`` names (checked by :func:`check_trackers` when the config
+    was built), opened for a run resuming after ``start_step`` (0: a new run). ``none`` alone
+    means metrics.jsonl only."""
     ids = _read_ids(output_dir)
     opened: list[Tracker] = []
     for name in dict.fromkeys(names):
@@ -63,9 +64,7 @@ def _read_ids(output_dir: Path) -> dict[str, str]:
 
 def _write_ids(output_dir: Path, ids: dict[str, str]) -> None:
     if ids:
-        partial = output_dir / f".{IDS_FILE}.{os.getpid()}.tmp"
-        partial.write_text(json.dumps(ids, indent=2) + "\n")
-        os.replace(partial, output_dir / IDS_FILE)
+        write_text_atomically(output_dir / IDS_FILE, json.dumps(ids, indent=2) + "\n")
 
 
 class TensorBoardTracker:
