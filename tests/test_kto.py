@@ -23,6 +23,7 @@ from preftune.models.reference import FrozenCopy
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.kto import KTOObjective, balance_warning, mismatched_kl
 from preftune.objectives.kto_settings import KTOSettings
+from preftune.train.sampler import StepSampler
 from tests.conftest import (
     LAUNCHER,
     ROOT,
@@ -142,7 +143,7 @@ def test_objective_matches_explicit_loops_with_mismatched_kl(
     assert metrics["rewards/chosen"][0].item() == pytest.approx(sum(good), abs=1e-5)
     assert metrics["rewards/chosen"][1].item() == len(good) == 3
     assert metrics["rewards/rejected"][0].item() == pytest.approx(sum(bad), abs=1e-5)
-    assert metrics["count/undesirable"][0].item() == len(bad) == 2
+    assert tuple(metrics["desirable"]) == (len(good), len(good) + len(bad)) == (3, 5)
 
 
 def test_mismatched_rows_put_each_completion_after_the_next_prompt() -> None:
@@ -167,7 +168,7 @@ def test_micro_batches_without_one_label_average_exactly(tokenizer, encoded) -> 
     _, only_bad = objective.compute(policy, objective.collate(bad))
     assert tuple(only_good["rewards/rejected"]) == (0.0, 0.0)
     assert tuple(only_bad["rewards/chosen"]) == (0.0, 0.0)
-    assert only_bad["count/desirable"][0].item() == 0
+    assert tuple(only_bad["desirable"]) == (0.0, 2.0)
     # Merged as the loop merges micro-batches: (sum, count) added, then divided.
     for key in ("rewards/chosen", "rewards/rejected", "logps/chosen"):
         total, count = (a + b for a, b in zip(only_good[key], only_bad[key], strict=True))
@@ -304,6 +305,13 @@ def test_config_keys_and_their_checks() -> None:
         load_config(KTOConfig, None, ["loss.beta=0.1"])
 
 
+def desirable_share(step: int) -> float:
+    """The share of desirable completions in a step's global batch of 8: sums_kto.jsonl holds
+    desirable and undesirable completions in turn, starting with a desirable one."""
+    batch = StepSampler(64, 8, 42).global_batch(step)
+    return sum(index % 2 == 0 for index in batch) / 8
+
+
 def kto_run(tmp_path: Path, *extra: str):
     return run_cli(
         "kto",
@@ -331,13 +339,13 @@ def test_cli_trains_and_logs_finite_kto_metrics(tmp_path: Path) -> None:
     keys = ("loss", "rewards/chosen", "rewards/rejected", "kl", "logps/chosen", "grad_norm")
     for record in train:
         assert all(math.isfinite(record[key]) for key in keys), record
-        assert record["count/desirable"] + record["count/undesirable"] == 8
+        assert record["desirable"] == desirable_share(record["step"])
     # At step 1 the policy is the reference: every reward and the KL are 0, each loss λ/2.
     assert train[0]["loss"] == 0.5 and train[0]["kl"] == 0.0
     assert train[0]["rewards/chosen"] == 0.0
     assert train[-1]["rewards/chosen"] > train[-1]["rewards/rejected"]
     evaluated = [r for r in records if "eval/loss" in r][-1]
-    assert evaluated["eval/count/desirable"] == evaluated["eval/count/undesirable"] == 64
+    assert evaluated["eval/desirable"] == 0.5  # 64 chosen and 64 rejected completions
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
@@ -371,9 +379,10 @@ def test_two_processes_share_the_kl_estimate_and_count_every_example(tmp_path: P
     records = read_metrics(tmp_path / "out")
     train = [r for r in records if "loss" in r]
     assert train[0]["loss"] == 0.5 and all(math.isfinite(r["kl"]) for r in train)
-    assert all(r["count/desirable"] + r["count/undesirable"] == 8 for r in train)
+    assert all(r["desirable"] == desirable_share(r["step"]) for r in train)
     evaluated = [r for r in records if "eval/loss" in r][-1]
-    assert (evaluated["eval/count/desirable"], evaluated["eval/count/undesirable"]) == (3, 2)
+    # Rows 1, 3, 5 are desirable: 3 of the 5 eval completions, counted once each over processes.
+    assert evaluated["eval/desirable"] == pytest.approx(3 / 5)
 
 
 def test_lora_uses_the_base_model_as_reference(tmp_path: Path) -> None:

@@ -32,10 +32,3 @@ def mean_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A per-example metric, to be averaged over every example of the step."""
     values = values.detach().float()
     return values.sum(), torch.tensor(values.numel(), dtype=torch.float32, device=values.device)
-
-
-def total_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A per-example count, to be summed over every example of the step rather than averaged:
-    its count is 0, and the loop reports a metric counted no times as its sum."""
-    values = values.detach().float()
-    return values.sum(), torch.zeros((), dtype=torch.float32, device=values.device)

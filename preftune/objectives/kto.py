@@ -10,7 +10,7 @@ from preftune.data.unpaired import EncodedRated
 from preftune.losses.kto import kto_loss
 from preftune.models.logps import sequence_logps
 from preftune.models.reference import ReferenceProvider
-from preftune.objectives.base import Batch, Metrics, mean_metric, total_metric
+from preftune.objectives.base import Batch, Metrics, mean_metric
 from preftune.objectives.kto_settings import KTOSettings
 
 # The KTO paper's advice for λ_D n_D / (λ_U n_U), with n_D, n_U the desirable and undesirable
@@ -75,8 +75,7 @@ class KTOObjective:
             "logps/chosen": mean_metric(logps[desirable]),
             "logps/rejected": mean_metric(logps[~desirable]),
             "kl": mean_metric(kl.view(1)),
-            "count/desirable": total_metric(desirable),
-            "count/undesirable": total_metric(~desirable),
+            "desirable": mean_metric(desirable),
         }
         return out.losses.sum(), metrics
 
