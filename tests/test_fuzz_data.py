@@ -20,13 +20,28 @@ import pyarrow.parquet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from preftune.data.comparisons import encode_comparisons, load_comparisons
 from preftune.data.encode import encode_demos, encode_pairs
 from preftune.data.formats import load_demos, load_pairs, load_records
+from preftune.data.unpaired import encode_rated, load_rated
 from preftune.errors import DataError, PreftuneError
 from preftune.models.tiny import build_tokenizer
 
 TOKENIZER = build_tokenizer()
-FIELDS = ("prompt", "chosen", "rejected", "completion", "messages", "role", "content")
+FIELDS = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "completion",
+    "messages",
+    "role",
+    "content",
+    "label",
+    "margin",
+    "responses",
+    "ranking",
+    "scores",
+)
 ROLES = ("system", "user", "assistant", "tool", "bot", "")
 FUZZ = settings(
     max_examples=120,
@@ -79,6 +94,24 @@ rows = st.one_of(
     fields("chosen", "rejected"),
     fields("prompt", "completion"),
     fields("messages", values=conversations),
+    st.fixed_dictionaries(
+        {"prompt": texts, "completion": texts, "label": st.booleans() | json_values}
+    ),
+    st.fixed_dictionaries(
+        {
+            "prompt": texts,
+            "responses": st.lists(texts | json_values, max_size=4),
+            "ranking": st.lists(st.integers(-1, 4), max_size=4) | json_values,
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "prompt": texts,
+            "responses": st.lists(texts, max_size=4),
+            "scores": st.lists(st.floats() | st.integers(), max_size=4) | json_values,
+            "margin": st.floats() | json_values,
+        }
+    ),
     st.dictionaries(st.sampled_from(FIELDS), texts | messages | json_values),
 )
 datasets = st.lists(rows | json_values, max_size=5)
@@ -112,7 +145,13 @@ def write_all(folder: Path, dataset: list[Any]) -> list[Path]:
 
 def read_everything(path: Path) -> None:
     """Every way of reading ``path``; only ``PreftuneError``s may escape, and are swallowed."""
-    for load, encode in ((load_pairs, encode_pairs), (load_demos, encode_demos)):
+    readers = (
+        (load_pairs, encode_pairs),
+        (load_demos, encode_demos),
+        (load_rated, encode_rated),
+        (load_comparisons, encode_comparisons),
+    )
+    for load, encode in readers:
         for skipped in (None, []):
             try:
                 records, _ = load(str(path), "train", skipped)

@@ -401,3 +401,10 @@ def test_lora_uses_the_base_model_as_reference(tmp_path: Path) -> None:
     # The adapters start at zero, so the policy is its base model: rewards 0, each loss 1/2.
     assert first["loss"] == 0.5 and first["kl"] == 0.0
     assert second["rewards/chosen"] != 0.0
+
+
+def test_ranked_rows_are_refused_in_one_line(tmp_path: Path) -> None:
+    row = {"prompt": "a", "responses": ["b", "c"], "ranking": [1, 0]}
+    data = write_jsonl(tmp_path / "ranked.jsonl", [row])
+    with pytest.raises(DataError, match=r"ranked rows \(responses\) are for dpo and rm"):
+        load_rated(str(data))

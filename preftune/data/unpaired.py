@@ -49,6 +49,9 @@ def rated_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[lis
     """Judged completions from rows already read (see ``load_rated``)."""
     if _paired(rows):
         pairs, layout = pairs_from_rows(spec, rows, skipped)
+        if layout == "ranked":
+            message = "ranked rows (responses) are for dpo and rm; KTO reads judged completions"
+            raise DataError(spec, f"{message} (prompt, completion, label) or pairs")
         layout = f"{layout} pairs, split into desirable (chosen) and undesirable (rejected)"
         return split_pairs(pairs), layout
     layout, first = first_layout(spec, rows, _unpaired_layout, skipped)
@@ -106,7 +109,7 @@ def _paired(rows: Rows) -> bool:
     for _, row in rows:
         if has_field(row, "label"):
             return False
-        if has_field(row, "chosen") and has_field(row, "rejected"):
+        if (has_field(row, "chosen") and has_field(row, "rejected")) or has_field(row, "responses"):
             return True
     return False
 
