@@ -7,7 +7,6 @@ batch of sequences, and the loss reads the rewards back in ranking order.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.data.collate import collate_demos
 from preftune.data.encode import EncodedDemo, TruncationReport, tokenize_and_fit, tokenize_pairs
-from preftune.data.formats import pairs_from_rows
+from preftune.data.formats import RowChecker, pairs_from_rows
 from preftune.data.records import Pair, Ranked, Ranking
 from preftune.data.sources import Row, Skipped, keep_or_raise, read_rows
 from preftune.errors import DataError
@@ -76,12 +75,7 @@ def _margin(spec: str, number: int, row: Row, ranked: bool) -> float:
     if ranked:
         message = "only pairs take a margin; a ranked row's order is its ranking or scores"
         raise DataError(spec, message, row=number, field="margin")
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        got = type(value).__name__
-        raise DataError(spec, f"expected a number, got {got}", row=number, field="margin")
-    if not math.isfinite(value):
-        raise DataError(spec, f"expected a finite number, got {value}", row=number, field="margin")
-    return float(value)
+    return RowChecker(spec, number, row).finite_number(value, "margin")
 
 
 def encode_comparisons(

@@ -8,6 +8,7 @@ the loaders collect every bad row there (and leave it out) instead of stopping a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -221,6 +222,14 @@ class RowChecker:
             bad = f"U+{ord(text[error.start]):04X}"
             message = f"unpaired surrogate {bad} at character {error.start + 1}"
             raise self.error(message, field) from None
+
+    def finite_number(self, value: Any, field: str) -> float:
+        """``value`` as a finite number; booleans, strings and NaN are errors."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise self.error(f"expected a number, got {type(value).__name__}", field)
+        if not math.isfinite(value):
+            raise self.error(f"expected a finite number, got {value}", field)
+        return float(value)
 
     def nonempty(self, text: Text, field: str) -> None:
         contents = [text] if isinstance(text, str) else [m["content"] for m in text]

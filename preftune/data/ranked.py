@@ -8,7 +8,6 @@ names the source, the row and the field.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from preftune.data.records import Ranked, Ranking
@@ -71,11 +70,7 @@ def _scores(check: Any, value: Any, count: int) -> Ranking:
     if len(value) != count:
         raise check.error(f"{len(value)} scores for {count} responses", "scores")
     for position, score in enumerate(value):
-        if not isinstance(score, (int, float)) or isinstance(score, bool):
-            got = type(score).__name__
-            raise check.error(f"expected a number, got {got}", f"scores[{position}]")
-        if not math.isfinite(score):
-            raise check.error(f"expected a finite number, got {score}", f"scores[{position}]")
+        check.finite_number(score, f"scores[{position}]")
     levels = sorted(set(value), reverse=True)
     if len(levels) == 1:
         raise check.error("all scores are equal, so no response is preferred", "scores")
