@@ -35,7 +35,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, float]:
     completions: list[Text] = []
     numbers: list[int] = []
     for record in records:
-        for response in responses(record):
+        for response in record.responses:
             prompts.append(record.prompt)
             completions.append(response)
             numbers.append(record.row)
@@ -51,7 +51,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, float]:
     lines = []
     remaining = iter(scores)
     for record in records:
-        own = [next(remaining) for _ in responses(record)]
+        own = [next(remaining) for _ in record.responses]
         lines.append(json.dumps(by_number[record.row] | fields(record, own), ensure_ascii=False))
         if isinstance(record, Pair | Ranked):
             wins += [own[better] > own[worse] for better, worse in order(record)]
@@ -68,16 +68,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, float]:
     return summary
 
 
-def responses(record: Record) -> tuple[Text, ...]:
-    if isinstance(record, Demo | Rated):
-        return (record.completion,)
-    if isinstance(record, Pair):
-        return (record.chosen, record.rejected)
-    return record.responses
-
-
 def order(record: Pair | Ranked) -> list[tuple[int, int]]:
-    """The (better, worse) pairs of indices into ``responses(record)``."""
+    """The (better, worse) pairs of indices into ``record.responses``."""
     return [(0, 1)] if isinstance(record, Pair) else preferences(record.ranking)
 
 

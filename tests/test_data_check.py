@@ -10,7 +10,7 @@ import pytest
 
 from preftune.cli import main
 from preftune.data.check import describe_skipped, percentiles
-from preftune.data.encode import tokenize_pairs
+from preftune.data.encode import tokenize
 from preftune.data.formats import load_pairs
 from preftune.errors import DataError
 from preftune.models.tiny import build_tokenizer
@@ -38,7 +38,7 @@ def test_clean_file_summary_matches_what_training_reads(
     assert (status, err) == (0, [])
     lines = out.splitlines()
     assert lines[0] == f"{SAMPLE_TRAIN}: 256 rows of preference pairs, layout standard"
-    tokenized = tokenize_pairs(load_pairs(str(SAMPLE_TRAIN))[0], build_tokenizer())
+    tokenized = tokenize(load_pairs(str(SAMPLE_TRAIN))[0], build_tokenizer())
     chosen = percentiles([len(t.responses[0]) for t in tokenized])
     assert lines[3].split() == ["chosen", *map(str, chosen)]
     too_long = sum(len(t.prompt) + max(map(len, t.responses)) > 40 for t in tokenized)

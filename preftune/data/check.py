@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.data.encode import Tokenized, check_budget, fit, tokenize_demos, tokenize_pairs
+from preftune.data.encode import Tokenized, check_budget, fit, tokenize
 from preftune.data.formats import load_records
 from preftune.data.records import Demo, Pair, Ranked, Rated, preferences, tied_pairs
 from preftune.errors import DataError
@@ -69,12 +69,8 @@ def check_dataset(
     except DataError as error:
         return DataCheck([], [error])
     rows = len(records) + len(problems)
-    if kind == "pairs":
-        tokenized = tokenize_pairs(records, tokenizer, spec, problems)
-        names = ("prompt", "chosen", "rejected")
-    else:
-        tokenized = tokenize_demos(records, tokenizer, spec, problems)
-        names = ("prompt", "completion")
+    tokenized = tokenize(records, tokenizer, spec, problems)
+    names = ("prompt", "chosen", "rejected") if kind == "pairs" else ("prompt", "completion")
     what, noun = KIND_NAMES[kind]
     table = tokenized
     if layout == "ranked":

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from preftune.data.collate import collate_demos
-from preftune.data.encode import EncodedDemo, TruncationReport, tokenize_and_fit, tokenize_pairs
+from preftune.data.encode import EncodedDemo, TruncationReport, tokenize_and_fit
 from preftune.data.formats import RowChecker, pairs_from_rows
 from preftune.data.records import Pair, Ranked, Ranking
 from preftune.data.sources import Row, Skipped, keep_or_raise, read_rows
@@ -60,11 +60,10 @@ def load_comparisons(
         except DataError as error:
             keep_or_raise(error, skipped)
             continue
-        if isinstance(record, Pair):
-            responses, ranking = (record.chosen, record.rejected), PAIR_RANKING
-        else:
-            responses, ranking = record.responses, record.ranking
-        comparisons.append(Comparison(record.prompt, responses, ranking, record.row, margin))
+        ranking = PAIR_RANKING if isinstance(record, Pair) else record.ranking
+        comparisons.append(
+            Comparison(record.prompt, tuple(record.responses), ranking, record.row, margin)
+        )
     return comparisons, layout
 
 
@@ -91,9 +90,7 @@ def encode_comparisons(
     """Token ids of each comparison's prompt and responses, fitted to the length budget as
     ``encode_pairs`` fits them: the prompt once, every response after it."""
     budget = (max_length, max_prompt_length, truncation)
-    encoded, report = tokenize_and_fit(
-        tokenize_pairs, comparisons, tokenizer, budget, source, skipped
-    )
+    encoded, report = tokenize_and_fit(comparisons, tokenizer, budget, source, skipped)
     return [
         EncodedComparison(e.prompt, e.responses, e.record.ranking, e.record.margin, e.row)
         for e in encoded

@@ -7,9 +7,8 @@ the response tokens a loss is taken over are the same for chosen and rejected.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -137,7 +136,7 @@ def encode_pairs(
     the prompt's id list; the report is then an :class:`ExpansionReport`.
     """
     budget = (max_length, max_prompt_length, truncation)
-    encoded, report = tokenize_and_fit(tokenize_pairs, pairs, tokenizer, budget, source, skipped)
+    encoded, report = tokenize_and_fit(pairs, tokenizer, budget, source, skipped)
     if not any(isinstance(record, Ranked) for record in pairs):
         return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in encoded], report
     expanded = [
@@ -163,48 +162,33 @@ def encode_demos(
 ) -> tuple[list[EncodedDemo], TruncationReport]:
     """Token ids for each demonstration, fitted to the budget exactly as in ``encode_pairs``."""
     budget = (max_length, max_prompt_length, truncation)
-    encoded, report = tokenize_and_fit(tokenize_demos, demos, tokenizer, budget, source, skipped)
+    encoded, report = tokenize_and_fit(demos, tokenizer, budget, source, skipped)
     return [EncodedDemo(e.prompt, *e.responses, row=e.row) for e in encoded], report
 
 
 def tokenize_and_fit(
-    tokenize: Callable[..., list[Tokenized]],
-    records: Sequence[Any],
+    records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
     budget: tuple[int, int | None, str],
     source: str,
     skipped: list[DataError] | None,
 ) -> tuple[list[Tokenized], TruncationReport]:
-    """``records`` tokenized by ``tokenize`` (:func:`tokenize_pairs` or :func:`tokenize_demos`)
-    and fitted to ``budget`` = (max_length, max_prompt_length, truncation), which is checked
-    before any tokenizing: the steps every ``encode_*`` function shares."""
+    """``records`` tokenized (:func:`tokenize`) and fitted to ``budget`` = (max_length,
+    max_prompt_length, truncation), which is checked before any tokenizing: the steps every
+    ``encode_*`` function shares."""
     check_budget(*budget)
     return fit(tokenize(records, tokenizer, source, skipped), *budget)
 
 
-def tokenize_pairs(
-    pairs: Sequence[Pair] | Sequence[Ranked],
+def tokenize(
+    records: Sequence[Record],
     tokenizer: PreTrainedTokenizerBase,
     source: str = "data",
     skipped: list[DataError] | None = None,
 ) -> list[Tokenized]:
-    """Untruncated ids of each pair's prompt, chosen and rejected responses, or of each ranked
-    record's prompt and responses."""
-    examples = [
-        (r.prompt, r.responses if isinstance(r, Ranked) else (r.chosen, r.rejected), r.row, r)
-        for r in pairs
-    ]
-    return _tokenize(examples, tokenizer, source, skipped)
-
-
-def tokenize_demos(
-    demos: Sequence[Demo] | Sequence[Rated],
-    tokenizer: PreTrainedTokenizerBase,
-    source: str = "data",
-    skipped: list[DataError] | None = None,
-) -> list[Tokenized]:
-    """Untruncated ids of each demonstration's (or judged completion's) prompt and completion."""
-    examples = [(demo.prompt, (demo.completion,), demo.row, demo) for demo in demos]
+    """Untruncated ids of each record's prompt and of each of its ``responses`` (chosen and
+    rejected, a ranked record's responses, or a completion)."""
+    examples = [(r.prompt, tuple(r.responses), r.row, r) for r in records]
     return _tokenize(examples, tokenizer, source, skipped)
 
 

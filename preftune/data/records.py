@@ -22,6 +22,10 @@ class Pair:
     row: int | None = field(default=None, compare=False)
     """The 1-based row of the source it was read from, for messages; not part of its value."""
 
+    @property
+    def responses(self) -> tuple[Text, Text]:
+        return self.chosen, self.rejected
+
 
 @dataclass(frozen=True)
 class Rated:
@@ -34,6 +38,10 @@ class Rated:
     row: int | None = field(default=None, compare=False)
     """The 1-based row of the source it was read from, for messages; not part of its value."""
 
+    @property
+    def responses(self) -> tuple[Text]:
+        return (self.completion,)
+
 
 @dataclass(frozen=True)
 class Demo:
@@ -43,6 +51,10 @@ class Demo:
     completion: Text
     row: int | None = field(default=None, compare=False)
     """The 1-based row of the source it was read from, for messages; not part of its value."""
+
+    @property
+    def responses(self) -> tuple[Text]:
+        return (self.completion,)
 
 
 Ranking = tuple[tuple[int, ...], ...]

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.data.encode import TruncationReport, tokenize_and_fit, tokenize_demos
+from preftune.data.encode import TruncationReport, tokenize_and_fit
 from preftune.data.formats import RowChecker, convert_rows, first_layout, has_field, pairs_from_rows
 from preftune.data.records import Pair, Rated
 from preftune.data.sources import Row, Rows, Skipped, read_rows
@@ -94,7 +94,7 @@ def encode_rated(
     """Token ids for each judged completion, fitted to the budget exactly as a demonstration is
     (see ``encode_pairs``), in source order."""
     budget = (max_length, max_prompt_length, truncation)
-    encoded, report = tokenize_and_fit(tokenize_demos, records, tokenizer, budget, source, skipped)
+    encoded, report = tokenize_and_fit(records, tokenizer, budget, source, skipped)
     rated = [EncodedRated(e.prompt, e.responses[0], e.record.label, e.row) for e in encoded]
     return rated, report
 
