@@ -27,6 +27,7 @@ from preftune.objectives.dpo import PairedObjective
 from preftune.objectives.kto import KTOObjective, balance_warning
 from preftune.objectives.reward import RewardObjective
 from preftune.objectives.sft import SFTObjective
+from preftune.objectives.speed import choose_scoring
 from preftune.train.card import write_model_card
 from preftune.train.loop import Run, micro_batch_size, train
 from preftune.train.plots import plot_metrics
@@ -49,14 +50,17 @@ def setup_paired(cfg: DPOConfig, acc, model, pad_id, train_set, eval_set):
     """The paired objective of ``cfg.loss`` for ``model``, whose weights as given are the
     reference: returns the policy (with LoRA adapters when ``lora.r`` is set), the objective
     and the two datasets, which carry their reference log-probs when those are cached."""
-    objective = PairedObjective(cfg.loss, None, pad_id, cfg.speed)
+    model.to(acc.device)
+    scoring, turned_off = choose_scoring(model, cfg.speed)
+    if turned_off:
+        acc.print(turned_off)
+    objective = PairedObjective(cfg.loss, None, pad_id, scoring)
     needs_reference = objective.spec.needs_reference and not cfg.loss.reference_free
     cached = needs_reference and cfg.speed.reference_cache
     base_hash = model_digest(model) if cached else ""
     model = _maybe_lora(cfg, model)
     if cached:
         # Before the first update the policy is the reference: score the data with it once.
-        model.to(acc.device)
         micro = micro_batch_size(cfg.train, acc.num_processes)
         batch_size = cfg.speed.reference_batch_size or 2 * micro
         root = cache_root(cfg.speed.cache_dir)
@@ -141,7 +145,13 @@ def make_accelerator(cfg: SFTConfig) -> Accelerator:
     # Several processes on a machine without CUDA: accelerate joins them over gloo only when
     # told the run is on CPU.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    dtype = resolve_dtype(cfg.model.dtype, PartialState(cpu=cpu).device)
+    device = PartialState(cpu=cpu).device
+    if cfg.model.attn_implementation == "flex_attention" and device.type == "cpu":
+        raise ConfigError(
+            "model.attn_implementation=flex_attention cannot train on a CPU (PyTorch has no "
+            "flex-attention backward there): use sdpa or eager"
+        )
+    dtype = resolve_dtype(cfg.model.dtype, device)
     set_seed(cfg.seed)
     return Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[str(dtype).removeprefix("torch.")])
 

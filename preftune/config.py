@@ -36,6 +36,14 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
+    def __post_init__(self) -> None:
+        if self.lora.r > 0 and self.lora.dropout > 0 and self.model.disable_dropout:
+            raise ConfigError(
+                f"lora.dropout={self.lora.dropout} has no effect with model.disable_dropout=true, "
+                "which trains the whole model, adapters included, without dropout: set "
+                "lora.dropout=0, or model.disable_dropout=false"
+            )
+
 
 @dataclass
 class DPOConfig(SFTConfig):

@@ -33,11 +33,12 @@ def test_override_wins_over_file(tmp_path: Path) -> None:
         ("data.truncation=keep_middle", "keep_end, keep_start"),
         ("train.epochs=null", "cannot be null"),
         ("beta", "key=value"),
+        ("lora.r=8 lora.dropout=0.05", "set lora.dropout=0, or model.disable_dropout=false"),
     ],
 )
 def test_bad_keys_and_values_name_the_fix(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(DPOConfig, None, [override])
+        load_config(DPOConfig, None, override.split())
 
 
 def test_sft_has_no_loss_section() -> None:
@@ -60,3 +61,22 @@ def test_help_lists_every_key_with_default() -> None:
     assert "loss.label_smoothing" in table and "train.batch_size" in table
     help_text = build_parser()._subparsers._group_actions[0].choices["dpo"].format_help()
     assert "train.save_every" in help_text
+
+
+def test_flex_attention_on_a_cpu_is_refused_before_any_work(tmp_path: Path) -> None:
+    """PyTorch has no flex-attention backward on a CPU: one line before data or model load."""
+    from preftune.commands import run_dpo
+
+    out = tmp_path / "out"
+    cfg = load_config(
+        DPOConfig,
+        None,
+        [
+            "model.attn_implementation=flex_attention",
+            "data.train=nowhere.jsonl",
+            f"output_dir={out}",
+        ],
+    )
+    with pytest.raises(ConfigError, match="flex_attention cannot train on a CPU"):
+        run_dpo(cfg)
+    assert not out.exists()

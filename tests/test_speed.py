@@ -17,13 +17,16 @@ from preftune.data.collate import collate_pairs
 from preftune.data.encode import EncodedPair, encode_pairs
 from preftune.data.formats import load_pairs
 from preftune.data.layout import CHOSEN, PROMPT, REJECTED, attention_allowed, layout_pairs, pack
+from preftune.errors import ConfigError
+from preftune.models.attention import layout_attention
+from preftune.models.load import checkpoint_layers
 from preftune.models.logps import layout_logps, sequence_logps
 from preftune.models.refcache import ReferencePass
 from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.dpo import PairedObjective
 from preftune.objectives.settings import LossConfig
-from preftune.objectives.speed import SpeedConfig
+from preftune.objectives.speed import PairScoring, SpeedConfig, choose_scoring
 from tests.conftest import SAMPLE_TRAIN as SAMPLE
 from tests.conftest import read_metrics
 
@@ -82,13 +85,58 @@ def test_eager_attention_takes_the_same_mask() -> None:
     torch.testing.assert_close(eager, plain, rtol=1e-5, atol=1e-4)
 
 
-def test_gradient_checkpointing_is_exact() -> None:
-    model = build_model(TOKENIZER, seed=4).train()
+def test_gradient_checkpointing_is_exact_and_recomputes_in_eval_mode() -> None:
+    """Dropout-free training runs the model in eval mode; checkpointing still recomputes each
+    layer in backward (transformers' own switch would not: it acts in train mode only)."""
+    model = build_model(TOKENIZER, seed=4).eval()
     batch = layout_pairs(random_pairs(4, seed=5), PAD)
     plain = logps_and_grads(model, lambda: layout_logps(model, batch, 16))
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    checkpoint_layers(model)
+    calls = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
     checkpointed = logps_and_grads(model, lambda: layout_logps(model, batch, 16))
     assert_close(checkpointed, plain)
+    assert len(calls) == 2  # the forward, and its recomputation in backward
+
+
+def test_levers_off_is_the_plain_path() -> None:
+    """Every lever off: two right-padded rows per pair under a 2-D mask, full logits."""
+    model = build_model(TOKENIZER, seed=6)
+    off = SpeedConfig(prefix_sharing=False, packing=False, logits_chunk=0)
+    scoring, line = choose_scoring(model, off)
+    assert (scoring, line) == (PairScoring(), None)
+    objective = PairedObjective(LossConfig(), None, PAD, scoring)
+    pairs = random_pairs(3, seed=7)
+    batch = objective.collate(pairs)
+    assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
+    assert batch["attention_mask"].dim() == 2 and batch["input_ids"].shape[0] == 6
+    expected = sequence_logps(model, collate_pairs(pairs, PAD))
+    got = objective.score(model, batch)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_chunked_output_layer_on_plain_rows_is_exact() -> None:
+    model = build_model(TOKENIZER, seed=8)
+    batch = collate_pairs(random_pairs(5, seed=9), PAD)
+    plain = logps_and_grads(model, lambda: sequence_logps(model, batch))
+    chunked = logps_and_grads(model, lambda: sequence_logps(model, batch, 6))
+    assert_close(chunked, plain)
+
+
+def test_flash_kernels_take_packing_but_refuse_prefix_sharing() -> None:
+    """A flash kernel sees documents only through position ids, in one row: packing goes that
+    way; prefix sharing cannot, and is one line naming the key."""
+    model = build_model(TOKENIZER, seed=10)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match=r"speed\.prefix_sharing=false"):
+        choose_scoring(model, SpeedConfig())
+    scoring, line = choose_scoring(model, SpeedConfig(prefix_sharing=False))
+    assert line is None and scoring.packing and not scoring.prefix_sharing
+    batch = layout_pairs(random_pairs(5, seed=11), PAD, False, True, scoring.pack_length)
+    assert batch["input_ids"].shape[0] == 1
+    with layout_attention(model, batch) as (inputs, _):
+        assert inputs["attention_mask"] is None
+        assert torch.equal(inputs["position_ids"], batch["position_ids"])
 
 
 def test_rejected_tokens_never_see_the_chosen_response() -> None:
@@ -177,7 +225,7 @@ def test_cached_reference_equals_a_frozen_copy() -> None:
 
     model = build_model(TOKENIZER, seed=3)
     pairs, _ = encode_pairs(load_pairs(str(SAMPLE))[0][:12], TOKENIZER, 48, 24)
-    objective = PairedObjective(LossConfig(), None, PAD, SpeedConfig())
+    objective = PairedObjective(LossConfig(), None, PAD, PairScoring.from_config(SpeedConfig()))
     acc = Accelerator(cpu=True)
     reference = ReferencePass(model, objective.score, objective.collate, 5, acc)
     values = reference.compute(pairs, "train")
@@ -225,6 +273,7 @@ def test_lora_run_saves_a_loadable_merged_model(
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_flex_attention_block_mask_is_exact() -> None:
     """The block-sparse kernel for GPUs takes the same mask (compiled once on CPU: ~20 s)."""
     model = build_model(TOKENIZER, seed=8).eval()

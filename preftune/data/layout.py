@@ -12,14 +12,16 @@ Three exact ways to lay out ``B`` pairs, combinable:
 
 Every token carries a document id and a branch (0 prompt, 1 chosen, 2 rejected): token ``i``
 attends to token ``j`` when both are in the same document, ``j`` comes no later than ``i`` and
-``j`` is in the prompt or in ``i``'s own branch. Scoring is explicit: for each response token,
+``j`` is in the prompt or in ``i``'s own branch (:func:`visibility`); the model adds its own
+causal order, window or chunking on the tokens' positions within their documents (see
+:mod:`preftune.models.attention`). Scoring is explicit: for each response token,
 the flat index of the position whose output predicts it, its id, and which sequence (chosen
 ``0..B-1``, rejected ``B..2B-1``) it belongs to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,8 @@ from preftune.data.encode import EncodedPair
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PAD_DOC = -1
+# A mask function as transformers and flex attention take it: (row, head, q, k) -> allowed.
+MaskFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -158,14 +162,27 @@ def layout_pairs(
     } | reference_logps(examples)
 
 
-def attention_allowed(doc_ids: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """(rows, 1, L, L) bool: may the token in row r at position i attend to position j.
+def visibility(doc_ids: torch.Tensor, branch: torch.Tensor) -> MaskFunction:
+    """What a token may see in laid-out rows, as a mask function ``(row, head, q, k) -> bool``
+    over index tensors that broadcast (the form transformers' mask builders and flex attention
+    take): the same document, ``k`` no later than ``q``, and ``k`` in the prompt or in ``q``'s own
+    branch. Padding (document ``-1``) sees earlier padding only, so no row of a mask is empty.
 
-    Padding attends to earlier padding only, so no row of the mask is empty.
+    Causal order and any window are the model's to add, on positions within the document.
     """
-    length = doc_ids.shape[-1]
-    positions = torch.arange(length, device=doc_ids.device)
-    causal = positions[None, :] <= positions[:, None]
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    same_branch = (branch[:, None, :] == PROMPT) | (branch[:, :, None] == branch[:, None, :])
-    return (same_doc & same_branch & causal).unsqueeze(1)
+
+    def visible(row: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        same_doc = doc_ids[row, q] == doc_ids[row, k]
+        same_branch = (branch[row, k] == PROMPT) | (branch[row, q] == branch[row, k])
+        return same_doc & same_branch & (k <= q)
+
+    return visible
+
+
+def attention_allowed(doc_ids: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, L, L) bool: :func:`visibility` evaluated at every pair of positions."""
+    rows, length = doc_ids.shape
+    row = torch.arange(rows, device=doc_ids.device)[:, None, None, None]
+    head = torch.zeros(1, dtype=torch.long, device=doc_ids.device)[None, :, None, None]
+    index = torch.arange(length, device=doc_ids.device)
+    return visibility(doc_ids, branch)(row, head, index[None, None, :, None], index)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from preftune.errors import PreftuneError
 from preftune.models.tiny import build_model, build_reward_model, build_tokenizer
@@ -62,7 +66,8 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedModel:
-    """The policy in float32 (mixed precision is applied at compute time), in train mode.
+    """The policy in float32 (mixed precision is applied at compute time), in eval mode when
+    ``spec.disable_dropout`` (see below), else in train mode.
 
     With ``reward``, the checkpoint as a reward model: its decoder under a one-output score head
     (``AutoModelForSequenceClassification``, ``num_labels=1``; a new head on a causal LM), with
@@ -94,24 +99,37 @@ def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedMo
             raise PreftuneError(f"cannot load model '{spec.path}': {_first_line(error)}") from None
         if reward and model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
-    if spec.disable_dropout:
-        disable_dropout(model)
     if spec.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        enable = enable or model.gradient_checkpointing_enable  # transformers < 5
-        enable({"use_reentrant": False})
-    model.train()
+        checkpoint_layers(model)
+    # Dropout off means the forward runs in eval mode while gradients flow: no dropout, layer
+    # drop or router noise, whatever module or config field an architecture keeps them in.
+    model.train(not spec.disable_dropout)
     return model
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout: the policy and reference must compute the same function at step 1."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(model.config, name):
-            setattr(model.config, name, 0.0)
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
+
+    Applied to the layers transformers marks as checkpointable, in train and eval mode alike
+    (transformers' own switch acts in train mode only, which dropout-free training avoids).
+    """
+    layers = [
+        module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)
+    ]
+    if not layers:
+        raise PreftuneError(
+            f"model.gradient_checkpointing: {type(model).__name__} has no layers marked as "
+            "checkpointable"
+        )
+    for layer in layers:
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
+
+
+def _checkpointed_forward(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    forward = type(layer).forward
+    if not torch.is_grad_enabled():
+        return forward(layer, *args, **kwargs)
+    return checkpoint(forward, layer, *args, use_reentrant=False, **kwargs)
 
 
 def _check_local_path(path: str) -> None:

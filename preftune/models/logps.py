@@ -6,32 +6,42 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from preftune.models.attention import inner_model, layout_mask
+from preftune.models.attention import inner_model, layout_attention
 
 IGNORE = -100
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log π(token | prefix) over each row's labelled tokens, and how many there are.
 
-    ``batch`` holds ``input_ids``, ``attention_mask`` and unshifted ``labels`` (``-100`` where a
-    token is not scored), each (rows, length). Returns two (rows,) tensors: summed log-probs in
-    float32 and token counts.
+    ``batch`` holds ``input_ids``, ``attention_mask`` (2-D) and unshifted ``labels`` (``-100``
+    where a token is not scored), each (rows, length). Returns two (rows,) tensors: summed
+    log-probs in float32 and token counts. ``chunk_rows`` 0 scores from the model's own logits
+    (the plain computation); > 0 runs the output layer on the labelled positions only, in
+    chunks, as :func:`layout_logps` does.
     """
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
     labels = batch["labels"][:, 1:]
-    token_logps = -F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1),
-        labels.flatten(),
-        ignore_index=IGNORE,
-        reduction="none",
-    ).view_as(labels)
     scored = labels != IGNORE
-    return (token_logps * scored).sum(-1), scored.sum(-1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if chunk_rows <= 0:
+        logits = model(**inputs, use_cache=False).logits
+        token_logps = -F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1),
+            labels.flatten(),
+            ignore_index=IGNORE,
+            reduction="none",
+        ).view_as(labels)
+        return (token_logps * scored).sum(-1), scored.sum(-1)
+    with FinalHidden(model) as final:
+        model(**inputs, use_cache=False)
+    rows, width = batch["labels"].shape
+    row, column = scored.nonzero(as_tuple=True)
+    sums = _scored_sums(
+        model, final.hidden, row * width + column, labels[scored], row, rows, chunk_rows
+    )
+    return sums, scored.sum(-1)
 
 
 def layout_logps(
@@ -39,24 +49,36 @@ def layout_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and token counts per sequence of a batch from ``layout_pairs``.
 
-    The decoder runs once over the laid-out rows; the output layer then runs only on the
-    positions that predict a response token. ``chunk_rows`` > 0 takes those positions that many
-    at a time and recomputes each chunk's logits in the backward pass, so no
+    The decoder runs once over the laid-out rows, each layer attending as the model defines it
+    (see :func:`~preftune.models.attention.layout_attention`); the output layer then runs only
+    on the positions that predict a response token. ``chunk_rows`` > 0 takes those positions
+    that many at a time and recomputes each chunk's logits in the backward pass, so no
     (tokens × vocabulary) tensor larger than one chunk ever exists; 0 applies the output layer
     to every position of every row at once, as a plain forward does.
     """
-    mask = layout_mask(model, batch["doc_ids"], batch["branch"])
-    with FinalHidden(model) as final:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        )
-    head = OutputLayer(model)
+    with layout_attention(model, batch) as (inputs, _), FinalHidden(model) as final:
+        model(input_ids=batch["input_ids"], use_cache=False, **inputs)
+    sequences = int(batch["num_sequences"].sum())
+    seq = batch["score_seq"]
     index, target = batch["score_index"], batch["score_target"]
+    sums = _scored_sums(model, final.hidden, index, target, seq, sequences, chunk_rows)
+    return sums, torch.bincount(seq, minlength=sequences)
+
+
+def _scored_sums(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    target: torch.Tensor,
+    seq: torch.Tensor,
+    sequences: int,
+    chunk_rows: int,
+) -> torch.Tensor:
+    """(sequences,) float32: the log-prob of each ``target`` token, predicted by the final hidden
+    state at flat position ``index``, summed per sequence ``seq``."""
+    head = OutputLayer(model)
     if chunk_rows > 0:
-        hidden = final.hidden.flatten(0, 1).index_select(0, index)
+        hidden = hidden.flatten(0, 1).index_select(0, index)
         token_logps = (
             torch.cat(
                 [
@@ -70,13 +92,10 @@ def layout_logps(
             else hidden.new_zeros(0, dtype=torch.float32)
         )
     else:
-        logits = head.logits(final.hidden).flatten(0, 1).index_select(0, index)
+        logits = head.logits(hidden).flatten(0, 1).index_select(0, index)
         token_logps = -F.cross_entropy(logits, target, reduction="none")
-    sequences = int(batch["num_sequences"].sum())
-    seq = batch["score_seq"]
     sums = torch.zeros(sequences, dtype=torch.float32, device=token_logps.device)
-    sums = sums.index_add(0, seq, token_logps.float())
-    return sums, torch.bincount(seq, minlength=sequences)
+    return sums.index_add(0, seq, token_logps.float())
 
 
 def _checkpointed(head: OutputLayer, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from preftune.files import replaced_atomically
 from preftune.models.attention import inner_model
 
 # Bump when the way log-probabilities are computed changes, so old caches are not reused.
-FORMAT = 1
+FORMAT = 2
 
 Score = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 Collate = Callable[[list[EncodedPair]], dict[str, torch.Tensor]]

@@ -16,7 +16,11 @@ class ModelConfig:
         ("auto", "float32", "bfloat16", "float16"),
     )
     trust_remote_code: bool = option(False, "allow model code shipped with a hub model to run")
-    disable_dropout: bool = option(True, "set dropout to zero in policy and reference")
+    disable_dropout: bool = option(
+        True,
+        "train with the model in eval mode: no dropout (nor layer drop, router noise) in any "
+        "architecture, so policy and reference agree at step 1",
+    )
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     attn_implementation: str | None = option(
         None, "attention kernel: sdpa, eager, flex_attention, ... (null: the model's default)"

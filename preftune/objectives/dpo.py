@@ -14,17 +14,19 @@ from preftune.models.logps import layout_logps, sequence_logps
 from preftune.models.reference import ReferenceProvider
 from preftune.objectives.base import Batch, Metrics, mean_metric
 from preftune.objectives.settings import LossConfig
-from preftune.objectives.speed import SpeedConfig
+from preftune.objectives.speed import PairScoring
 
 
 class PairedObjective:
     """Scores a batch of pairs with the policy (and the reference when the loss needs one).
 
-    One forward pass scores chosen and rejected. With ``speed`` settings, pairs are laid out by
-    :func:`layout_pairs` (prefix sharing, packing) and scored through the chunked output layer;
-    without, each pair is two right-padded rows scored from the model's full logits (the plain
-    computation every lever is tested against). Reference log-probs come from the batch when
-    they were precomputed, else from ``reference``.
+    One forward pass scores chosen and rejected. With prefix sharing or packing in ``scoring``,
+    pairs are laid out by :func:`layout_pairs`; otherwise each pair is two right-padded rows
+    under a 2-D mask. With ``scoring.logits_chunk`` the output layer runs on response positions
+    only, in chunks; without, they are scored from the model's full logits. Without ``scoring``
+    (or with every lever off) this is the plain computation every lever is tested against.
+    Reference log-probs come from the batch when they were precomputed, else from
+    ``reference``.
     """
 
     name = "dpo"
@@ -34,7 +36,7 @@ class PairedObjective:
         loss: LossConfig,
         reference: ReferenceProvider | None,
         pad_id: int,
-        speed: SpeedConfig | None = None,
+        scoring: PairScoring | None = None,
     ) -> None:
         self.spec = combined_loss(loss.type, loss.weights)
         self.params = LossParams(
@@ -43,15 +45,14 @@ class PairedObjective:
         self.sft_weight = loss.sft_weight
         self.reference = reference
         self.pad_id = pad_id
-        self.speed = speed
-        self.score = sequence_logps
-        if speed is not None:
-            self.score = partial(layout_logps, chunk_rows=speed.logits_chunk)
+        self.scoring = scoring = scoring or PairScoring()
+        score = layout_logps if scoring.laid_out else sequence_logps
+        self.score = partial(score, chunk_rows=scoring.logits_chunk)
 
     def collate(self, examples: list[EncodedPair]) -> Batch:
-        if self.speed is None:
+        s = self.scoring
+        if not s.laid_out:
             return collate_pairs(examples, self.pad_id)
-        s = self.speed
         return layout_pairs(examples, self.pad_id, s.prefix_sharing, s.packing, s.pack_length)
 
     def weight(self, batch: Batch) -> int:

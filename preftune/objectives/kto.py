@@ -54,7 +54,7 @@ class KTOObjective:
         logps, _ = sequence_logps(model, matched)
         reference_logps, _ = self.reference.logps(matched)
         reference_mismatched, _ = self.reference.logps(mismatched)
-        kl = mismatched_kl(mismatched_logps - reference_mismatched, model.training)
+        kl = mismatched_kl(mismatched_logps - reference_mismatched, torch.is_grad_enabled())
         desirable = batch["desirable"]
         s = self.settings
         out = kto_loss(

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from preftune.fields import option
+from preftune.models.attention import (
+    VARLEN_ROW,
+    attention_kernel,
+    check_kernel,
+    inner_model,
+    is_varlen,
+)
+from preftune.models.layout_check import layout_error
 
 
 @dataclass
@@ -28,4 +38,64 @@ class SpeedConfig:
         1024,
         "response positions per chunk through the output layer, recomputed in backward "
         "(0: logits of every position at once)",
+    )
+
+
+@dataclass(frozen=True)
+class PairScoring:
+    """How a paired objective lays out and scores a micro-batch: the levers in effect for one
+    model. With neither layout lever, pairs are two right-padded rows each under a 2-D mask,
+    and with ``logits_chunk`` 0 they are scored from the model's full logits: the plain
+    computation."""
+
+    prefix_sharing: bool = False
+    packing: bool = False
+    pack_length: int = 0
+    logits_chunk: int = 0
+
+    @classmethod
+    def from_config(cls, speed: SpeedConfig) -> PairScoring:
+        return cls(
+            prefix_sharing=speed.prefix_sharing,
+            packing=speed.packing,
+            pack_length=speed.pack_length,
+            logits_chunk=speed.logits_chunk,
+        )
+
+    @property
+    def laid_out(self) -> bool:
+        return self.prefix_sharing or self.packing
+
+
+def choose_scoring(model: torch.nn.Module, speed: SpeedConfig) -> tuple[PairScoring, str | None]:
+    """The levers of ``speed`` that are exact on ``model``, and a line saying which were turned
+    off and why (None when all stand).
+
+    Flash-attention kernels take packed documents through position ids, in one row; they
+    cannot express prefix sharing, which is an error. Any other model is checked on made-up
+    pairs (:func:`~preftune.models.layout_check.layout_error`): if laid-out pairs would not score
+    as each sequence alone, both layout levers are turned off.
+    """
+    scoring = PairScoring(
+        speed.prefix_sharing, speed.packing, speed.pack_length, speed.logits_chunk
+    )
+    if not scoring.laid_out:
+        return scoring, None
+    kernel = attention_kernel(model)
+    check_kernel(kernel, scoring.prefix_sharing)
+    if is_varlen(kernel):
+        return replace(scoring, pack_length=VARLEN_ROW), None
+    reason = layout_error(model, scoring.prefix_sharing, scoring.packing)
+    if reason is None:
+        return scoring, None
+    levers = [
+        name
+        for name, on in (("prefix_sharing", speed.prefix_sharing), ("packing", speed.packing))
+        if on
+    ]
+    named = " and ".join(f"speed.{lever}" for lever in levers)
+    model_type = getattr(inner_model(model).config, "model_type", type(model).__name__)
+    return replace(scoring, prefix_sharing=False, packing=False), (
+        f"{named}: off for this model ({model_type}): {reason}; pairs are scored as plain "
+        "padded rows"
     )

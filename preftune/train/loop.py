@@ -297,6 +297,7 @@ def evaluate(
     acc: Accelerator,
 ) -> dict[str, float]:
     """Metrics averaged over every eval example; each process scores every num_processes-th."""
+    was_training = model.training
     model.eval()
     sums: Metrics = {}
     mine = list(range(acc.process_index, len(examples), acc.num_processes))
@@ -306,7 +307,7 @@ def evaluate(
         with acc.autocast():
             _, metrics = objective.compute(model, batch)
         _accumulate(sums, metrics)
-    model.train()
+    model.train(was_training)
     return _reduce(sums, acc)
 
 
