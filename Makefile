@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch keeps the install small; GPU users install preftune with their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test test-slow test-all lint format install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,17 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/preftune demo
 
+# The fast tier, for the edit-and-test loop; test-all adds the slow tier (runs of the command
+# line in fresh processes, several processes, long runs), as CI does.
 test: install
 	$(BIN)/ruff check preftune tests bench
 	$(BIN)/ruff format --check preftune tests bench
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+test-all: test test-slow
 
 format: install
 	$(BIN)/ruff format preftune tests bench

@@ -23,6 +23,7 @@ def test_unknown_key_names_the_closest_key() -> None:
     assert_one_line_error(result, "train.lerning_rate", "did you mean 'train.learning_rate'")
 
 
+@pytest.mark.slow
 def test_bad_row_stops_before_training(tmp_path: Path) -> None:
     data = write_jsonl(
         tmp_path / "pairs.jsonl",
@@ -36,6 +37,7 @@ def test_bad_row_stops_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_missing_model_directory_is_one_line(tmp_path: Path) -> None:
     result = run_cli("dpo", f"model={tmp_path}/nothing", f"data.train={SAMPLE_TRAIN}")
     assert_one_line_error(result, "no such directory")
@@ -47,6 +49,7 @@ def test_help_runs_from_the_module() -> None:
     assert "loss.label_smoothing" in result.stdout and "train.micro_batch_size" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path: Path) -> None:
     common = [
         "dpo",

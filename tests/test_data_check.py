@@ -135,6 +135,7 @@ def test_skipped_rows_are_grouped_by_reason() -> None:
     )
 
 
+@pytest.mark.slow
 def test_command_line_prints_no_traceback(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "p.jsonl", [GOOD, {"prompt": "a", "chosen": [], "rejected": "b"}])
     result = run_cli("data", "check", str(data))

@@ -162,6 +162,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_processes_agree_to_skip_a_step_only_one_saw_go_bad(tmp_path: Path) -> None:
     script = tmp_path / "poisoned.py"
     script.write_text(SCRIPT)

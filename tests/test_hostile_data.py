@@ -143,6 +143,7 @@ def test_sft_rows_with_a_bad_field(tmp_path: Path) -> None:
     assert str(error).endswith("row 2: field 'messages[1]': message has no 'content'")
 
 
+@pytest.mark.slow
 def test_enormous_row_is_truncated_and_counted(tmp_path: Path) -> None:
     half = "x" * 2_500_000  # a 5 MB row: its prompt keeps its end, its response its start
     path = tmp_path / "p.jsonl"

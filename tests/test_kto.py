@@ -327,6 +327,7 @@ def kto_run(tmp_path: Path, *extra: str):
     )
 
 
+@pytest.mark.slow
 def test_cli_trains_and_logs_finite_kto_metrics(tmp_path: Path) -> None:
     result = kto_run(tmp_path, f"data.eval={SAMPLE_EVAL}", "train.micro_batch_size=4")
     assert result.returncode == 0, result.stderr
@@ -349,6 +350,7 @@ def test_cli_trains_and_logs_finite_kto_metrics(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_label_is_one_line(tmp_path: Path) -> None:
     rows = [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "a", "completion": "c"}]
     data = write_jsonl(tmp_path / "rated.jsonl", rows)
@@ -358,6 +360,7 @@ def test_cli_bad_label_is_one_line(tmp_path: Path) -> None:
     assert len(errors) == 1 and "rated.jsonl: row 2: field 'label': missing" in errors[0]
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_kl_estimate_and_count_every_example(tmp_path: Path) -> None:
     # Five eval rows over two processes: one scores two micro-batches, the other one.
     rows = [json.loads(line) for line in SAMPLE_KTO.read_text().splitlines()[:5]]

@@ -175,6 +175,7 @@ def test_bad_ranked_row_is_one_line_naming_row_and_field(
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_dpo_on_ranked_rows_end_to_end(tmp_path: Path) -> None:
     result = run_cli(
         "dpo",
@@ -192,6 +193,7 @@ def test_dpo_on_ranked_rows_end_to_end(tmp_path: Path) -> None:
     assert [row["step"] for row in read_metrics(tmp_path / "out")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_dpo_on_a_bad_ranked_file_is_one_line(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "ranked.jsonl", [ROW, {**ROW, "ranking": [0, 5, 1]}])
     result = run_cli("dpo", f"data.train={data}", f"output_dir={tmp_path / 'out'}")

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -78,6 +79,7 @@ def comparable(log: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if k != "tokens_per_second"} for record in log]
 
 
+@pytest.mark.slow
 def test_run_killed_three_times_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
     whole = tmp_path / "whole"
     finished = subprocess.run(

@@ -211,6 +211,7 @@ def test_bad_margin_is_one_line(tmp_path: Path, row: dict, expected: str) -> Non
     assert expected in str(caught.value)
 
 
+@pytest.mark.slow
 def test_rm_then_score_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "rm"
     trained = run_cli(
@@ -257,6 +258,7 @@ def test_rm_then_score_end_to_end(tmp_path: Path) -> None:
     assert "accuracy" not in result.stdout
 
 
+@pytest.mark.slow
 def test_rm_on_ranked_rows_runs_plackett_luce(tmp_path: Path) -> None:
     result = run_cli(
         "rm",

@@ -225,6 +225,7 @@ def test_bad_spin_settings_name_the_key(override: str, message: str) -> None:
         load_config(SPINConfig, None, [override, *extra])
 
 
+@pytest.mark.slow
 def test_cli_runs_two_iterations_on_the_tiny_model(tmp_path: Path) -> None:
     out = tmp_path / "spin"
     result = run_cli(
