@@ -1,11 +1,15 @@
 """Typed configs built from YAML plus dotted ``key=value`` overrides.
 
 Every leaf key is reachable as an override, so a run needs no config file at all. Unknown keys
-and ill-typed values are :class:`ConfigError`s that name the key and its closest valid spelling.
+and ill-typed or out-of-range values are :class:`ConfigError`s that name the key and its closest
+valid spelling or its range (each config checks its own fields when built:
+:func:`~preftune.fields.check_fields`). YAML is read safely: no Python tags, and no document
+whose aliases would expand past :data:`MAX_YAML_VALUES` values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -18,7 +22,7 @@ import yaml
 
 from preftune.data.settings import DataConfig
 from preftune.errors import ConfigError
-from preftune.fields import option
+from preftune.fields import check_fields, option
 from preftune.models.settings import LoraSettings, ModelConfig
 from preftune.objectives.kto_settings import KTOSettings
 from preftune.objectives.settings import LossConfig
@@ -29,7 +33,10 @@ from preftune.train.settings import TrainConfig
 
 @dataclass
 class SFTConfig:
-    seed: int = option(42, "seed for model init (tiny), data order and sampling")
+    # NumPy takes seeds below 2**32, and runs add small offsets (SPIN: seed + iteration).
+    seed: int = option(
+        42, "seed for model init (tiny), data order and sampling", at_least=0, at_most=2**31 - 1
+    )
     output_dir: str = option("runs/preftune", "where the model, checkpoints and metrics go")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -37,6 +44,7 @@ class SFTConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.lora.r > 0 and self.lora.dropout > 0 and self.model.disable_dropout:
             raise ConfigError(
                 f"lora.dropout={self.lora.dropout} has no effect with model.disable_dropout=true, "
@@ -71,14 +79,22 @@ SHORTHANDS = {"model": "path"}
 
 C = TypeVar("C")
 
+# Values a YAML document may hold once its aliases are expanded: a config has about a hundred,
+# and a "billion laughs" document, a few nested anchors, would otherwise expand to billions.
+MAX_YAML_VALUES = 10_000
+
 
 def describe(cls: type) -> list[tuple[str, str, str]]:
-    """Every dotted key of a config class as (key, default, help), in declaration order."""
+    """Every dotted key of a config class as (key, default, help), in declaration order; the
+    help ends with the key's range, if it has one."""
     rows = []
     for key, f, _ in _leaves(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
-        rows.append((key, text, f.metadata["help"]))
+        bounds = str(f.metadata["bounds"])
+        rows.append(
+            (key, text, f"{f.metadata['help']}; {bounds}" if bounds else f.metadata["help"])
+        )
     return rows
 
 
@@ -96,7 +112,7 @@ def given_keys(path: str | None = None, overrides: list[str] = ()) -> dict[str, 
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        _flatten(yaml.safe_load(text) if text else "", key.strip(), flat)
+        _flatten(_safe_yaml(text, f"override '{item}'") if text else "", key.strip(), flat)
     return flat
 
 
@@ -111,13 +127,60 @@ def flatten(tree: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _safe_yaml(text: str, source: str) -> Any:
+    """The value of the YAML document ``text``, or a one-line :class:`ConfigError` naming
+    ``source``. Plain YAML only (no Python tags); the document's size after alias expansion is
+    counted on its node graph, where an alias is the node it names again, before anything is
+    built from it."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: aliases expand to more than {MAX_YAML_VALUES} values")
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values under ``node`` once aliases are expanded, capped just past the limit. Each node is
+    counted once (``sizes``, by id), so nested aliases cost their node count, not their
+    expansion; a node met again while it is being counted contains itself: endless."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_YAML_VALUES + 1
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+    size = min(1 + sum(_expanded_size(child, sizes) for child in children), MAX_YAML_VALUES + 1)
+    sizes[id(node)] = size
+    return size
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and where, on one line (PyYAML's own message spans several)."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return str(error).splitlines()[0]
+    mark = error.problem_mark
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read config: not UTF-8 text") from None
+    data = _safe_yaml(text, path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -144,7 +207,9 @@ def _leaves(cls: type, prefix: str = ""):
 
 
 def _build(cls: type[C], flat: dict[str, Any]) -> C:
-    leaves = {key: (f, hint) for key, f, hint in _leaves(cls)}
+    """``cls`` from dotted keys: unknown keys are refused here, values by the configs' own
+    field checks as they are built."""
+    leaves = {key: hint for key, _, hint in _leaves(cls)}
     sections = {key.rsplit(".", 1)[0] for key in leaves if "." in key}
     values: dict[str, Any] = {}
     for key, value in flat.items():
@@ -154,8 +219,7 @@ def _build(cls: type[C], flat: dict[str, Any]) -> C:
             close = difflib.get_close_matches(key, [*leaves, *sections], n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}")
-        f, hint = leaves[key]
-        values[key] = _check_choice(key, _coerce(key, value, hint), f.metadata["choices"])
+        values[key] = _coerce(key, value, leaves[key])
     return _instantiate(cls, values, "")
 
 
@@ -171,42 +235,23 @@ def _instantiate(cls: type[C], values: dict[str, Any], prefix: str) -> C:
     return cls(**kwargs)
 
 
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> Any:
-    if isinstance(value, list):
-        return [_check_choice(key, item, choices) for item in value]
-    if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}{hint}")
-    return value
-
-
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against the field's type, converting strings written as numbers."""
-    if typing.get_origin(hint) is list:
-        (item_hint,) = typing.get_args(hint)
+    """``value`` as YAML read it, converted toward the field's type: a number YAML read as text
+    (``1e-5`` has no dot, ``nan`` no leading one) for a float, a number for a string, one item
+    for a list. What cannot be converted is left as it is, for the field check to refuse."""
+    if value is None:
+        return None
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    listed = next((kind for kind in kinds if typing.get_origin(kind) is list), None)
+    if listed is not None and (isinstance(value, list) or len(kinds) == 1):
         items = value if isinstance(value, list) else [value]
         if not items:
             raise ConfigError(f"config key '{key}' needs at least one value")
+        (item_hint,) = typing.get_args(listed)
         return [_coerce(key, item, item_hint) for item in items]
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"config key '{key}' cannot be null")
-    for kind in options:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if float in kinds and isinstance(value, str):
+        with contextlib.suppress(ValueError):
             return float(value)
-        if kind is float and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    names = " or ".join("null" if k is type(None) else k.__name__ for k in options)
-    raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
+    if str in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preftune.fields import option
+from preftune.fields import check_fields, option
 
 
 @dataclass
@@ -13,8 +13,12 @@ class DataConfig:
         None, "training data: .jsonl/.json/.parquet/.csv, a `datasets` dir, or hub name[:split]"
     )
     eval: str | None = option(None, "evaluation data, same forms as data.train (split: test)")
-    max_length: int = option(512, "longest prompt+response in tokens; longer responses are cut")
-    max_prompt_length: int | None = option(256, "longest prompt in tokens (null: no limit)")
+    max_length: int = option(
+        512, "longest prompt+response in tokens; longer responses are cut", at_least=1
+    )
+    max_prompt_length: int | None = option(
+        256, "longest prompt in tokens (null: no limit)", at_least=0
+    )
     truncation: str = option(
         "keep_end", "which part of a long prompt to keep", ("keep_end", "keep_start")
     )
@@ -23,3 +27,6 @@ class DataConfig:
         "a malformed row stops the run (raise) or is left out, counted and reported (skip)",
         ("raise", "skip"),
     )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from preftune.fields import option
+from preftune.fields import check_fields, option
 
 
 @dataclass
@@ -12,54 +12,88 @@ class CorpusConfig:
     source: str = option(
         "builtin", "`builtin` (generated reviews) or a dataset with a text column, e.g. imdb"
     )
-    size: int = option(4000, "reviews used for SFT")
+    size: int = option(4000, "reviews used for SFT", at_least=1)
     text_column: str = option("text", "column holding the review text (datasets only)")
-    prompt_words: int = option(4, "words of a held-out review that make a prompt (datasets only)")
+    prompt_words: int = option(
+        4, "words of a held-out review that make a prompt (datasets only)", at_least=1
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "corpus")
 
 
 @dataclass
 class DemoModelConfig:
     path: str = option("tiny", "`tiny` (tokenizer learned from the corpus), a model dir or hub id")
-    hidden_size: int | None = option(None, "tiny only: hidden size (null: 128)")
-    num_layers: int | None = option(None, "tiny only: layers (null: 4)")
-    num_heads: int | None = option(None, "tiny only: attention heads (null: 4)")
+    hidden_size: int | None = option(None, "tiny only: hidden size (null: 128)", at_least=1)
+    num_layers: int | None = option(None, "tiny only: layers (null: 4)", at_least=1)
+    num_heads: int | None = option(None, "tiny only: attention heads (null: 4)", at_least=1)
     dtype: str = option("auto", "compute dtype", ("auto", "float32", "bfloat16", "float16"))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model")
 
 
 @dataclass
 class StageSFTConfig:
-    steps: int = option(300, "SFT optimizer steps on the corpus")
-    batch_size: int = option(32, "reviews per SFT step")
-    learning_rate: float = option(3e-3, "SFT peak learning rate")
+    steps: int = option(300, "SFT optimizer steps on the corpus", at_least=1)
+    batch_size: int = option(32, "reviews per SFT step", at_least=1)
+    learning_rate: float = option(3e-3, "SFT peak learning rate", above=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sft")
 
 
 @dataclass
 class PairsConfig:
-    prompts: int = option(512, "prompts sampled to build preference pairs")
-    samples_per_prompt: int = option(4, "completions per prompt; any two with unequal rewards pair")
-    eval_fraction: float = option(0.1, "share of prompts whose pairs are held out for accuracy")
-    max_new_tokens: int = option(48, "longest completion sampled, in tokens (also for eval)")
-    temperature: float = option(1.0, "sampling temperature (also for eval)")
+    prompts: int = option(512, "prompts sampled to build preference pairs", at_least=1)
+    # One completion per prompt has nothing to pair with.
+    samples_per_prompt: int = option(
+        4, "completions per prompt; any two with unequal rewards pair", at_least=2
+    )
+    # Both DPO's training and its held-out accuracy need pairs.
+    eval_fraction: float = option(
+        0.1, "share of prompts whose pairs are held out for accuracy", above=0, below=1
+    )
+    max_new_tokens: int = option(
+        48, "longest completion sampled, in tokens (also for eval)", at_least=1
+    )
+    temperature: float = option(1.0, "sampling temperature (also for eval)", above=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "pairs")
 
 
 @dataclass
 class StageDPOConfig:
-    betas: list[float] = option([0.5, 1.0, 2.0, 3.0, 5.0], "β of each DPO policy trained")
-    steps: int = option(150, "optimizer steps of each DPO and Preferred-FT run")
-    batch_size: int = option(32, "pairs per step")
-    learning_rate: float = option(2e-4, "DPO peak learning rate")
-    preferred_ft_learning_rate: float = option(2e-4, "Preferred-FT peak learning rate")
+    betas: list[float] = option([0.5, 1.0, 2.0, 3.0, 5.0], "β of each DPO policy trained", above=0)
+    steps: int = option(150, "optimizer steps of each DPO and Preferred-FT run", at_least=1)
+    batch_size: int = option(32, "pairs per step", at_least=1)
+    learning_rate: float = option(2e-4, "DPO peak learning rate", above=0)
+    preferred_ft_learning_rate: float = option(2e-4, "Preferred-FT peak learning rate", above=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "dpo")
 
 
 @dataclass
 class EvalConfig:
-    prompts: int = option(512, "held-out prompts each policy is sampled on")
-    samples_per_prompt: int = option(2, "completions per prompt")
+    prompts: int = option(512, "held-out prompts each policy is sampled on", at_least=1)
+    samples_per_prompt: int = option(2, "completions per prompt", at_least=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "eval")
 
 
 @dataclass
 class DemoConfig:
-    seed: int = option(42, "seed for the corpus, models, sampling and data order")
+    # NumPy takes seeds below 2**32, and the demo adds small offsets (seed + 1 for sampling).
+    seed: int = option(
+        42,
+        "seed for the corpus, models, sampling and data order",
+        at_least=0,
+        at_most=2**31 - 1,
+    )
     output_dir: str = option("runs/demo", "where every stage, results.json and plots go")
     judge: str = option(
         "vader", "ground-truth reward: vader, or a reward model directory from `preftune rm`"
@@ -70,3 +104,6 @@ class DemoConfig:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     dpo: StageDPOConfig = field(default_factory=StageDPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preftune.fields import option
+from preftune.fields import check_fields, option
 
 
 @dataclass
@@ -25,16 +25,27 @@ class ModelConfig:
     attn_implementation: str | None = option(
         None, "attention kernel: sdpa, eager, flex_attention, ... (null: the model's default)"
     )
-    hidden_size: int | None = option(None, "tiny preset only: hidden size (null: 64)")
-    num_layers: int | None = option(None, "tiny preset only: number of layers (null: 2)")
-    num_heads: int | None = option(None, "tiny preset only: attention heads (null: 4)")
+    hidden_size: int | None = option(None, "tiny preset only: hidden size (null: 64)", at_least=1)
+    num_layers: int | None = option(
+        None, "tiny preset only: number of layers (null: 2)", at_least=1
+    )
+    num_heads: int | None = option(None, "tiny preset only: attention heads (null: 4)", at_least=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model")
 
 
 @dataclass
 class LoraSettings:
-    r: int = option(0, "LoRA rank (0: train every weight); the reference is the base model")
-    alpha: float = option(16.0, "LoRA scaling numerator: updates are scaled by alpha / r")
-    dropout: float = option(0.0, "dropout on the LoRA input")
+    r: int = option(
+        0, "LoRA rank (0: train every weight); the reference is the base model", at_least=0
+    )
+    # Zero would scale every update away; a negative scale only flips the adapters' sign.
+    alpha: float = option(16.0, "LoRA scaling numerator: updates are scaled by alpha / r", above=0)
+    dropout: float = option(0.0, "dropout on the LoRA input", at_least=0, below=1)
     target_modules: str | list[str] = option(
         "all-linear", "modules that get adapters: all-linear or a list of module names"
     )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "lora")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from preftune.fields import option
+from preftune.fields import check_fields, option
 from preftune.models.attention import (
     VARLEN_ROW,
     attention_kernel,
@@ -27,18 +27,26 @@ class SpeedConfig:
         None, "reference cache directory (null: $PREFTUNE_CACHE or ~/.cache/preftune)"
     )
     reference_batch_size: int = option(
-        0, "pairs per forward when precomputing reference log-probs (0: 2 x micro-batch)"
+        0,
+        "pairs per forward when precomputing reference log-probs (0: 2 x micro-batch)",
+        at_least=0,
     )
     prefix_sharing: bool = option(
         True, "lay each pair out as prompt + chosen + rejected, computing the prompt once"
     )
     packing: bool = option(True, "pack the pairs of a micro-batch into rows, without padding")
-    pack_length: int = option(0, "longest packed row in tokens (0: the longest pair's length)")
+    pack_length: int = option(
+        0, "longest packed row in tokens (0: the longest pair's length)", at_least=0
+    )
     logits_chunk: int = option(
         1024,
         "response positions per chunk through the output layer, recomputed in backward "
         "(0: logits of every position at once)",
+        at_least=0,
     )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "speed")
 
 
 @dataclass(frozen=True)
