@@ -4,19 +4,25 @@ each, with a non-zero exit status when there are any."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from preftune.cli import main
-from preftune.data.check import describe_skipped, percentiles
+from preftune.data.check import Budget, check_dataset, describe_skipped, percentiles
+from preftune.data.comparisons import load_comparisons
 from preftune.data.encode import tokenize
 from preftune.data.formats import load_pairs
+from preftune.data.sources import MAX_ROW_BYTES
+from preftune.data.unpaired import load_rated
 from preftune.errors import DataError
 from preftune.models.tiny import build_tokenizer
 from tests.conftest import SAMPLE_EVAL, SAMPLE_SFT, SAMPLE_TRAIN, run_cli, write_jsonl
+from tests.test_hostile_data import write_as
 
 GOOD = {"prompt": "What is 1 plus 1?\n", "chosen": "It is 2.", "rejected": "No idea."}
+TOKENIZER = build_tokenizer()
 
 
 def check(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
@@ -176,3 +182,57 @@ def test_a_kto_config_file_is_accepted(tmp_path: Path, capsys: pytest.CaptureFix
     status, out, err = check(capsys, "--config", str(config), "kto.bta=0.3")
     assert status == 2
     assert err == ["preftune: error: unknown config key 'kto.bta'; did you mean 'kto.beta'?"]
+
+
+RANKED = {"prompt": "2+2=", "responses": [" 4", " 5"], "ranking": [0, 1]}
+SCORED = {"prompt": "2+2=", "responses": [" 4", " 5"], "scores": [1, 0]}
+RATED = {"prompt": "2+2=", "completion": " 4", "label": True}
+HUGE = 10**400  # JSON allows it; a float cannot hold it
+# (what, a good row, the bad row after it, the field named, what the message says)
+VERDICTS = [
+    ("margin text", GOOD, {**GOOD, "margin": "1.5"}, "margin", "expected a number, got str"),
+    ("margin boolean", GOOD, {**GOOD, "margin": True}, "margin", "expected a number, got bool"),
+    ("margin NaN", GOOD, {**GOOD, "margin": float("nan")}, "margin", "finite number, got nan"),
+    ("margin huge integer", GOOD, {**GOOD, "margin": HUGE}, "margin",
+     "expected a finite number, got an integer too large for a float"),
+    ("margin past float32", GOOD, {**GOOD, "margin": 1e39}, "margin",
+     "expected a number within ±3.403e+38 (a float32), got 1e+39"),
+    ("ranked row with margin", RANKED, {**RANKED, "margin": 0.5}, "margin", "only pairs take"),
+    ("score huge integer", RANKED, {**SCORED, "scores": [1, HUGE]}, "scores[1]",
+     "an integer too large for a float"),
+    ("score infinite", RANKED, {**SCORED, "scores": [float("inf"), 1]}, "scores[0]",
+     "expected a finite number, got inf"),
+    ("ranking index", RANKED, {**RANKED, "ranking": [0, 5]}, "ranking[1]", "index 5 is out of"),
+    ("label word", RATED, {**RATED, "label": "yes"}, "label", "got str 'yes'"),
+    ("label huge integer", RATED, {**RATED, "label": HUGE}, "label", "got int 1000000000"),
+    ("row over the size limit", GOOD, {**GOOD, "chosen": "x" * MAX_ROW_BYTES}, None, "too large"),
+]  # fmt: skip
+
+
+def verdicts(errors: list[DataError]) -> list[tuple[int | None, str | None, str]]:
+    return sorted((error.row, error.field, error.message) for error in errors)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+@pytest.mark.parametrize(
+    ("good", "bad", "field", "fragment"),
+    [case[1:] for case in VERDICTS],
+    ids=[case[0] for case in VERDICTS],
+)
+def test_data_check_and_training_give_the_same_verdict(
+    tmp_path: Path, suffix: str, good: dict, bad: dict, field: str | None, fragment: str
+) -> None:
+    spec = write_as(tmp_path / f"data{suffix}", [good, bad])
+    problems = check_dataset(spec, "train", "auto", TOKENIZER, Budget(64, 32, "keep_end")).problems
+    assert problems
+    if suffix == ".jsonl":  # in CSV every number is text: other messages, the same agreement
+        assert verdicts(problems) == [(2, field, problems[0].message)]
+        assert fragment in problems[0].message
+    readers: list[Callable] = [load_rated] if "label" in good else [load_pairs, load_comparisons]
+    for load in readers:
+        skipped: list[DataError] = []
+        load(spec, "train", skipped)
+        assert verdicts(skipped) == verdicts(problems), load.__name__
+        with pytest.raises(DataError) as caught:
+            load(spec)
+        assert verdicts([caught.value]) == verdicts(problems)[:1], load.__name__

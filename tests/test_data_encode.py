@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from preftune.data import encode
 from preftune.data.collate import collate_demos, collate_pairs
 from preftune.data.encode import (
     EncodedDemo,
@@ -22,6 +25,7 @@ from preftune.data.formats import load_pairs
 from preftune.data.records import Demo, Pair
 from preftune.errors import ConfigError, DataError, PreftuneError
 from preftune.models.tiny import build_tokenizer
+from tests.conftest import ROOT, SAMPLE_TRAIN
 
 # The tiny tokenizer has one token per byte (a=97) and these special tokens.
 BOS, EOS, USER, ASSISTANT, NEWLINE = 256, 257, 260, 261, 10
@@ -227,3 +231,63 @@ def test_file_to_batch_round_trip(tmp_path: Path, tiny: PreTrainedTokenizerFast)
     assert texts == ["<|bos|>Q: 2+2? A: 4<|end|>", "<|bos|>Q: 2+2? A: five<|end|>"]
     responses = [tiny.decode(row[row != -100]) for row in batch["labels"]]
     assert responses == [" 4<|end|>", " five<|end|>"]
+
+
+def test_batches_encode_exactly_as_one_batch(
+    tiny: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs, _ = load_pairs(str(SAMPLE_TRAIN))
+    pairs = [*pairs[:40], Pair([user("hi")], [assistant("yo")], [assistant("no")], row=41)]
+    whole = encode_pairs(pairs, tiny, 40, 16)
+    calls: list[int] = []
+    ids_of = encode._ids
+
+    def counted(*args: object) -> list[list[int]]:
+        calls.append(1)
+        return ids_of(*args)
+
+    monkeypatch.setattr(encode, "_ids", counted)
+    monkeypatch.setattr(encode, "BATCH_CHARACTERS", 100)
+    assert encode_pairs(pairs, tiny, 40, 16) == whole
+    assert len(calls) > 20  # about two rows a batch, each batch's prompts and responses
+    # An error names the example by its place among all records, whatever batch it is in.
+    mixed = Pair("a text prompt", [assistant("yo")], [assistant("no")])
+    with pytest.raises(DataError, match=r"^chat template: example 42: prompt and responses must"):
+        encode_pairs([*pairs, mixed], tiny, 40, 16)
+
+
+# The peak is the kernel's high-water mark of this process's memory (VmHWM), not getrusage's
+# ru_maxrss, which may carry the peak of the process that started it.
+MEASURE = """
+import sys
+from preftune.data.encode import encode_pairs
+from preftune.data.formats import load_pairs
+from preftune.models.tiny import build_tokenizer
+
+def kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+tokenizer = build_tokenizer()
+resident = kib("VmRSS:")
+pairs, _ = load_pairs(sys.argv[1])
+encode_pairs(pairs, tokenizer, 512, 256)
+print(kib("VmHWM:") - resident)
+"""
+
+
+@pytest.mark.slow
+def test_memory_for_a_file_grows_with_its_size(tmp_path: Path) -> None:
+    """Reading and encoding 12 MB of 2 KB rows in a fresh process takes a few times the file's
+    size (its rows and their ids), not the tokenizer's working memory for all of it at once
+    (100 to 200 bytes a character: about 85 times the file before batching)."""
+    words = ["the", "answer", "is", "four", "über", "naïve", "42", "what", "sum", "of", "it"]
+    text = [f"{row} " + " ".join(words[row % len(words) :] * 80)[:700] for row in range(6000)]
+    rows = [{"prompt": t, "chosen": t[::-1], "rejected": t.upper()} for t in text]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    command = [sys.executable, "-c", MEASURE, str(path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    growth = int(result.stdout.split()[-1]) * 1024
+    assert growth < 20 * path.stat().st_size, (growth, path.stat().st_size)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from preftune.data.comparisons import load_comparisons
 from preftune.data.formats import load_demos, load_pairs
 from preftune.data.records import Demo, Pair
 from preftune.errors import DataError
@@ -56,6 +57,16 @@ def test_standard_layout_ignores_extra_columns_and_allows_empty_prompt(tmp_path:
     pairs, layout = load_pairs(jsonl(tmp_path / "p.jsonl", rows))
     assert layout == "standard"
     assert pairs == [Pair("2+2=", " 4", " 5"), Pair("", "a", "b")]
+
+
+def test_pairs_carry_their_margin_and_a_paired_loss_says_it_ignores_it(tmp_path: Path) -> None:
+    spec = jsonl(tmp_path / "m.jsonl", [{**STANDARD, "margin": 2}, STANDARD])
+    pairs, layout = load_pairs(spec)
+    assert [pair.margin for pair in pairs] == [2.0, 0.0]
+    assert layout == "standard, column 'margin' ignored (only preftune rm reads it)"
+    assert load_comparisons(spec)[1] == "standard"
+    zeros = jsonl(tmp_path / "z.jsonl", [{**STANDARD, "margin": 0}])
+    assert load_pairs(zeros)[1] == "standard"
 
 
 def test_conversational_layout(tmp_path: Path) -> None:

@@ -51,11 +51,12 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
+# Numbers JSON can hold, a float cannot (past 308 digits), and float32 cannot (past 3.4e38).
+numbers = st.integers() | st.floats() | st.sampled_from([10**400, -(10**400), 1e39])
 scalars = (
     st.none()
     | st.booleans()
-    | st.integers()
-    | st.floats()
+    | numbers
     | st.text(max_size=12)
     | st.sampled_from(["", " ", "\n\nHuman: hi\n\nAssistant: yo", "[1, 2]", "\ud800"])
 )
@@ -108,9 +109,12 @@ rows = st.one_of(
         {
             "prompt": texts,
             "responses": st.lists(texts, max_size=4),
-            "scores": st.lists(st.floats() | st.integers(), max_size=4) | json_values,
+            "scores": st.lists(numbers, max_size=4) | json_values,
             "margin": st.floats() | json_values,
         }
+    ),
+    st.fixed_dictionaries(
+        {"prompt": texts, "chosen": texts, "rejected": texts, "margin": numbers | json_values}
     ),
     st.dictionaries(st.sampled_from(FIELDS), texts | messages | json_values),
 )
@@ -169,6 +173,22 @@ def test_random_json_in_every_field_gives_only_preftune_errors(dataset: list[Any
     with tempfile.TemporaryDirectory() as folder:
         for path in write_all(Path(folder), dataset):
             read_everything(path)
+
+
+@settings(FUZZ, max_examples=40)
+@given(margin=numbers, scores=st.lists(numbers, min_size=2, max_size=2), label=numbers)
+def test_any_number_in_a_numeric_field_gives_only_preftune_errors(
+    margin: float, scores: list[float], label: float
+) -> None:
+    rows = [
+        {"prompt": "a", "chosen": "b", "rejected": "c", "margin": margin},
+        {"prompt": "a", "responses": ["b", "c"], "scores": scores},
+        {"prompt": "a", "completion": "b", "label": label},
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        for row in rows:
+            for path in write_all(Path(folder), [row]):
+                read_everything(path)
 
 
 @FUZZ

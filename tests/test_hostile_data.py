@@ -3,7 +3,10 @@ is handled and counted; ``data.on_error=skip`` trains on the good rows and repor
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import pyarrow
@@ -12,20 +15,47 @@ import pytest
 
 from preftune.commands import run_dpo
 from preftune.config import DPOConfig, load_config
+from preftune.data.check import Budget, check_dataset
 from preftune.data.encode import encode_pairs
 from preftune.data.formats import load_demos, load_pairs
 from preftune.data.records import Pair
+from preftune.data.sources import MAX_ROW_BYTES
 from preftune.errors import ConfigError, DataError
 from preftune.models.tiny import build_tokenizer
 from tests.conftest import SAMPLE_TRAIN
 
 GOOD = {"prompt": "What is 1 plus 1?\n", "chosen": "2.", "rejected": "No idea."}
+SCORED = {"prompt": "What is 1 plus 1?\n", "responses": ["2.", "No idea."], "scores": [1, 0]}
+HUGE = 10**400  # valid JSON; more than a float holds
 USER = {"role": "user", "content": "hi"}
 REPLY = {"role": "assistant", "content": "hello"}
 
 
 def line(row: object) -> bytes:
     return (json.dumps(row) + "\n").encode()
+
+
+def csv_bytes(rows: list[dict]) -> bytes:
+    """``rows`` as CSV, each value that is not a string written as JSON."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list({key: None for row in rows for key in row}))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: v if isinstance(v, str) else json.dumps(v) for k, v in row.items()})
+    return text.getvalue().encode()
+
+
+def write_as(path: Path, rows: list[dict]) -> str:
+    """``rows`` written in the format ``path``'s suffix names."""
+    if path.suffix == ".parquet":
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    elif path.suffix == ".csv":
+        path.write_bytes(csv_bytes(rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_bytes(b"".join(line(row) for row in rows))
+    return str(path)
 
 
 def error_of(path: Path, content: bytes, load=load_pairs) -> DataError:
@@ -79,6 +109,14 @@ ROW_ERRORS = [
      "expected a JSON object, got a string"),
     ("csv short row", "p.csv", b"prompt,chosen,rejected\na,b,c\na,b\n", 2, None,
      "has 2 cells but the header names 3 columns"),
+    ("huge integer margin", "p.jsonl", line(GOOD) + line({**GOOD, "margin": HUGE}), 2, "margin",
+     "expected a finite number, got an integer too large for a float"),
+    ("infinite margin", "p.jsonl", line(GOOD) + line({**GOOD, "margin": float("inf")}), 2,
+     "margin", "expected a finite number, got inf"),
+    ("huge integer score", "p.jsonl", line(SCORED) + line({**SCORED, "scores": [HUGE, 0]}), 2,
+     "scores[0]", "expected a finite number, got an integer too large for a float"),
+    ("csv huge integer score", "p.csv", csv_bytes([SCORED, {**SCORED, "scores": [1, -HUGE]}]), 2,
+     "scores[1]", "expected a finite number, got an integer too large for a float"),
 ]  # fmt: skip
 
 
@@ -120,14 +158,56 @@ def test_parquet_with_a_mistyped_column_names_the_row(tmp_path: Path) -> None:
         load_pairs(str(path))
 
 
+def test_parquet_margin_must_be_finite(tmp_path: Path) -> None:
+    path = tmp_path / "p.parquet"
+    write_as(path, [{**GOOD, "margin": 1.0}, {**GOOD, "margin": float("nan")}])
+    with pytest.raises(
+        DataError, match=r"row 2: field 'margin': expected a finite number, got nan"
+    ):
+        load_pairs(str(path))
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.json", "p.csv", "p.parquet"])
+def test_row_over_the_size_limit_is_one_line_naming_its_size(tmp_path: Path, name: str) -> None:
+    # "é" is two bytes in UTF-8: the row holds fewer characters than the limit, but more bytes.
+    big = {**GOOD, "chosen": "é" * (MAX_ROW_BYTES // 2)}
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in big.items())
+    spec = write_as(tmp_path / name, [GOOD, big])
+    with pytest.raises(DataError) as caught:
+        load_pairs(spec)
+    limit = "a row may hold at most 8,388,608 (8 MiB)"
+    assert str(caught.value) == f"{spec}: row 2: too large: {size:,} bytes of text; {limit}"
+    skipped: list[DataError] = []
+    pairs, _ = load_pairs(spec, "train", skipped)
+    assert (len(pairs), [error.row for error in skipped]) == (1, [2])
+
+
+def test_a_20_mb_row_is_refused_for_a_few_times_its_size(tmp_path: Path) -> None:
+    """Reading and tokenizing a file as data check does: the row over the limit is refused before
+    it reaches the tokenizer, and reading it held no more than its bytes, its decoded line and its
+    parsed strings at once (Python's allocations, which hold all three)."""
+    half = "x" * 10_000_000
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(line(GOOD) + line({**GOOD, "prompt": half, "chosen": half}))
+    tokenizer, budget = build_tokenizer(), Budget(64, 32, "keep_end")
+    tracemalloc.start()
+    try:
+        result = check_dataset(str(path), "train", "auto", tokenizer, budget)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [(problem.row, problem.reason) for problem in result.problems] == [(2, "too large")]
+    assert peak < 3.5 * path.stat().st_size
+
+
 def test_unreadable_file_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "p.jsonl"
     path.write_bytes(line(GOOD))
 
-    def refuse(self: Path) -> bytes:
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(Path, "open", refuse)
     with pytest.raises(DataError, match=r"p\.jsonl: cannot read: Permission denied$"):
         load_pairs(str(path))
 

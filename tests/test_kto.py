@@ -271,6 +271,12 @@ def test_bad_label_names_file_row_and_field(tmp_path: Path, label, shown: str) -
     assert str(caught.value) == (f"{spec}: row 2: field 'label': expected true or false, {shown}")
 
 
+def test_split_pairs_say_their_margins_are_ignored(tmp_path: Path) -> None:
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c", "margin": 1.5}]
+    _, layout = load_rated(str(write_jsonl(tmp_path / "pairs.jsonl", rows)))
+    assert layout.endswith("(rejected), column 'margin' ignored (only preftune rm reads it)")
+
+
 def test_missing_label_and_paired_row_in_unpaired_data(tmp_path: Path) -> None:
     rows = [
         {"prompt": "a", "completion": "b", "label": True},

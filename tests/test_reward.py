@@ -199,6 +199,9 @@ def test_collate_puts_each_examples_responses_in_ranking_order(tmp_path: Path) -
     [
         ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1"}, "expected a number"),
         ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": float("nan")}, "finite"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 10**400}, "too large for a"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": -1e39}, "(a float32)"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": False}, "got bool"),
         ({"prompt": "q", "responses": ["a", "b"], "ranking": [1, 0], "margin": 1}, "only pairs"),
     ],
 )

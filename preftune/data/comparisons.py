@@ -15,9 +15,9 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.data.collate import collate_demos
 from preftune.data.encode import EncodedDemo, TruncationReport, tokenize_and_fit
-from preftune.data.formats import RowChecker, pairs_from_rows
+from preftune.data.formats import pairs_from_rows
 from preftune.data.records import Pair, Ranked, Ranking
-from preftune.data.sources import Row, Skipped, keep_or_raise, read_rows
+from preftune.data.sources import Skipped, read_rows
 from preftune.errors import DataError
 
 PAIR_RANKING: Ranking = ((0,), (1,))
@@ -47,34 +47,18 @@ def load_comparisons(
 ) -> tuple[list[Comparison], str]:
     """Comparisons from any preference layout (see ``load_pairs``) and the layout's name.
 
-    A pair is a ranking of (chosen, rejected) with its row's ``margin``; a ranked row keeps its
-    ranking and may not have a margin. With ``skipped``, bad rows are collected there.
+    A pair is a ranking of (chosen, rejected) with its margin; a ranked row keeps its ranking
+    (the reader refuses a ranked row with a margin). With ``skipped``, bad rows are collected
+    there.
     """
-    rows = read_rows(spec, split, skipped)
-    records, layout = pairs_from_rows(spec, rows, skipped)
-    by_number = dict(rows)
-    comparisons = []
-    for record in records:
-        try:
-            margin = _margin(spec, record.row, by_number[record.row], isinstance(record, Ranked))
-        except DataError as error:
-            keep_or_raise(error, skipped)
-            continue
-        ranking = PAIR_RANKING if isinstance(record, Pair) else record.ranking
-        comparisons.append(
-            Comparison(record.prompt, tuple(record.responses), ranking, record.row, margin)
-        )
-    return comparisons, layout
+    records, layout = pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
+    return [_comparison(record) for record in records], layout
 
 
-def _margin(spec: str, number: int, row: Row, ranked: bool) -> float:
-    value = row.get("margin")
-    if value is None:
-        return 0.0
-    if ranked:
-        message = "only pairs take a margin; a ranked row's order is its ranking or scores"
-        raise DataError(spec, message, row=number, field="margin")
-    return RowChecker(spec, number, row).finite_number(value, "margin")
+def _comparison(record: Pair | Ranked) -> Comparison:
+    pair = isinstance(record, Pair)
+    ranking, margin = (PAIR_RANKING, record.margin) if pair else (record.ranking, 0.0)
+    return Comparison(record.prompt, tuple(record.responses), ranking, record.row, margin)
 
 
 def encode_comparisons(

@@ -7,7 +7,7 @@ the response tokens a loss is taken over are the same for chosen and rejected.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +27,9 @@ from preftune.errors import ConfigError, DataError, PreftuneError
 
 TRUNCATIONS = ("keep_end", "keep_start")
 Record = Pair | Ranked | Demo | Rated
+BATCH_CHARACTERS = 2**18
+"""About how much text goes to the tokenizer at once: plenty to keep its threads busy, while its
+working memory, 100 to 200 bytes per character, stays small however large the dataset."""
 
 
 @dataclass
@@ -173,11 +176,11 @@ def tokenize_and_fit(
     source: str,
     skipped: list[DataError] | None,
 ) -> tuple[list[Tokenized], TruncationReport]:
-    """``records`` tokenized (:func:`tokenize`) and fitted to ``budget`` = (max_length,
+    """``records`` tokenized (:func:`tokenized`) and fitted to ``budget`` = (max_length,
     max_prompt_length, truncation), which is checked before any tokenizing: the steps every
-    ``encode_*`` function shares."""
-    check_budget(*budget)
-    return fit(tokenize(records, tokenizer, source, skipped), *budget)
+    ``encode_*`` function shares. Each batch is fitted as it is tokenized, so only its
+    untruncated ids are held at once."""
+    return fit(tokenized(records, tokenizer, source, skipped), *budget)
 
 
 def tokenize(
@@ -188,8 +191,20 @@ def tokenize(
 ) -> list[Tokenized]:
     """Untruncated ids of each record's prompt and of each of its ``responses`` (chosen and
     rejected, a ranked record's responses, or a completion)."""
-    examples = [(r.prompt, tuple(r.responses), r.row, r) for r in records]
-    return _tokenize(examples, tokenizer, source, skipped)
+    return list(tokenized(records, tokenizer, source, skipped))
+
+
+def tokenized(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    source: str = "data",
+    skipped: list[DataError] | None = None,
+) -> Iterator[Tokenized]:
+    """:func:`tokenize`, lazily, a batch of about ``BATCH_CHARACTERS`` of text at a time."""
+    if tokenizer.eos_token_id is None:
+        raise PreftuneError("the tokenizer has no EOS token; responses need one to end on")
+    for batch in _batches(records):
+        yield from _tokenize(batch, tokenizer, source, skipped)
 
 
 def check_budget(max_length: int, max_prompt_length: int | None, truncation: str) -> None:
@@ -204,13 +219,15 @@ def check_budget(max_length: int, max_prompt_length: int | None, truncation: str
 
 
 def fit(
-    examples: Sequence[Tokenized], max_length: int, max_prompt_length: int | None, truncation: str
+    examples: Iterable[Tokenized], max_length: int, max_prompt_length: int | None, truncation: str
 ) -> tuple[list[Tokenized], TruncationReport]:
-    """The examples cut to the length budget (see ``encode_pairs``) and what that did."""
+    """The examples cut to the length budget (see ``encode_pairs``) and what that did; the
+    budget is checked before the first example is taken."""
     check_budget(max_length, max_prompt_length, truncation)
     kept: list[Tokenized] = []
-    prompts_cut = responses_cut = identical = 0
+    rows = prompts_cut = responses_cut = identical = 0
     for example in examples:
+        rows += 1
         prompt, responses = example.prompt, example.responses
         prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
         if prompt_cut:
@@ -225,39 +242,54 @@ def fit(
         identical += len(cut) > 1 and all(response == cut[0] for response in cut)
         kept.append(replace(example, prompt=prompt, responses=cut))
     report = TruncationReport(
-        rows=len(examples),
+        rows=rows,
         prompts_truncated=prompts_cut,
         responses_truncated=responses_cut,
-        dropped=len(examples) - len(kept),
+        dropped=rows - len(kept),
         kept=len(kept),
         identical=identical,
     )
     return kept, report
 
 
-Example = tuple[Text, tuple[Text, ...], int | None, Record]
-
-
 class _Unrenderable(Exception):
     """An example the chat template cannot render; turned into a ``DataError`` by the caller."""
 
 
+def _batches(records: Sequence[Record]) -> Iterator[list[tuple[int, Record]]]:
+    """``records`` with their indices, in runs that each end with the record that brings their
+    text to ``BATCH_CHARACTERS``."""
+    batch: list[tuple[int, Record]] = []
+    size = 0
+    for index, record in enumerate(records):
+        batch.append((index, record))
+        size += sum(_characters(text) for text in (record.prompt, *record.responses))
+        if size >= BATCH_CHARACTERS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _characters(text: Text) -> int:
+    return len(text) if isinstance(text, str) else sum(len(m["content"]) for m in text)
+
+
 def _tokenize(
-    examples: list[Example],
+    batch: list[tuple[int, Record]],
     tokenizer: PreTrainedTokenizerBase,
     source: str,
     skipped: list[DataError] | None,
 ) -> list[Tokenized]:
-    """Untruncated ids; texts are rendered first so the tokenizer sees them in large batches."""
-    if tokenizer.eos_token_id is None:
-        raise PreftuneError("the tokenizer has no EOS token; responses need one to end on")
+    """Untruncated ids of one batch; its texts are rendered first so the tokenizer takes them
+    together."""
     rendered = []
-    for index, (prompt, responses, row, record) in enumerate(examples):
+    for index, record in batch:
         try:
-            rendered.append((*_render(prompt, responses, tokenizer), row, record))
+            rendered.append((*_render(record.prompt, tuple(record.responses), tokenizer), record))
         except _Unrenderable as error:
-            keep_or_raise(_render_error(source, row, index, str(error)), skipped)
-    chats = [chat for _, _, chat, _, _ in rendered]
+            keep_or_raise(_render_error(source, record.row, index, str(error)), skipped)
+    chats = [chat for _, _, chat, _ in rendered]
     # Plain prompts take the tokenizer's own special tokens (BOS); a chat template renders its own.
     prompt_ids: list[list[int]] = [[] for _ in rendered]
     for chat in (False, True):
@@ -265,17 +297,17 @@ def _tokenize(
         texts = [rendered[index][0] for index in indices]
         for index, ids in zip(indices, _ids(tokenizer, texts, not chat), strict=True):
             prompt_ids[index] = ids
-    response_texts = [text for _, responses, _, _, _ in rendered for text in responses]
+    response_texts = [text for _, responses, _, _ in rendered for text in responses]
     response_ids = iter(_ids(tokenizer, response_texts, False))
     eos = tokenizer.eos_token_id
     encoded = []
-    for prompt, (_, responses, chat, row, record) in zip(prompt_ids, rendered, strict=True):
+    for prompt, (_, responses, chat, record) in zip(prompt_ids, rendered, strict=True):
         finished = []
         for ids in (next(response_ids) for _ in responses):
             # A chat template's end-of-turn may already be the EOS; plain text ends on EOS.
             has_eos = eos in ids if chat else ids[-1:] == [eos]
             finished.append(ids if has_eos else [*ids, eos])
-        encoded.append(Tokenized(prompt, finished, row, record))
+        encoded.append(Tokenized(prompt, finished, record.row, record))
     return encoded
 
 

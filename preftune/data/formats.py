@@ -9,8 +9,9 @@ the loaders collect every bad row there (and leave it out) instead of stopping a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, TypeVar
 
 from preftune.data.ranked import FIELDS as RANKED_FIELDS
@@ -30,6 +31,8 @@ PAIR_FIELDS = {
     "ranked": RANKED_FIELDS,
 }
 DEMO_FIELDS = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",)}
+# Reward training holds margins as float32: a larger one, finite here, would be infinite there.
+FLOAT32_MAX = 3.4028234663852886e38
 _Detector = Callable[[str, int, Row], str]
 R = TypeVar("R", Pair, Demo)
 
@@ -42,8 +45,12 @@ def load_pairs(spec: str, split: str = "train", skipped: Skipped = None) -> tupl
     ``hh`` (Anthropic-HH transcripts; the prompt runs to the last ``"\\n\\nAssistant:"``);
     ``ranked`` rows (prompt, responses, and ranking or scores) become :class:`Ranked` records.
     Each record carries its row number. With ``skipped``, bad rows are collected there.
+
+    These pairs are for a paired loss, which has no use for a ``margin`` column: the layout's
+    name then notes that it is ignored (``load_comparisons`` reads pairs for reward models).
     """
-    return pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
+    pairs, layout = pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
+    return pairs, noting_unused_margins(layout, pairs)
 
 
 def load_demos(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Demo], str]:
@@ -97,7 +104,8 @@ def _first_kind(rows: Rows) -> str:
 def pairs_from_rows(
     spec: str, rows: Rows, skipped: Skipped = None
 ) -> tuple[list[Pair] | list[Ranked], str]:
-    """Pairs from rows already read (see ``load_pairs``)."""
+    """Pairs from rows already read (see ``load_pairs``), each with its row's ``margin`` (0
+    without one), checked here so that every command and ``data check`` refuse the same rows."""
     layout, first = first_layout(spec, rows, _pair_layout, skipped)
     if first == len(rows):
         return [], layout
@@ -105,8 +113,18 @@ def pairs_from_rows(
     # Whether implicit pairs are text or conversations is also fixed by the first row.
     if layout == "implicit" and isinstance(rows[first][1]["chosen"], list):
         read = _implicit_conversation
+    if layout != "ranked":
+        read = partial(_with_margin, read)
     pairs = convert_rows(spec, rows[first:], layout, PAIR_FIELDS, _pair_layout, read, skipped)
     return pairs, layout
+
+
+def noting_unused_margins(layout: str, pairs: Sequence[Pair] | Sequence[Ranked]) -> str:
+    """``layout``, noting that a ``margin`` column is ignored when any pair has one, for readers
+    whose loss has no use for it: a column read but silently dropped would look like it counted."""
+    if any(isinstance(pair, Pair) and pair.margin for pair in pairs):
+        return f"{layout}, column 'margin' ignored (only preftune rm reads it)"
+    return layout
 
 
 def demos_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[list[Demo], str]:
@@ -224,12 +242,30 @@ class RowChecker:
             raise self.error(message, field) from None
 
     def finite_number(self, value: Any, field: str) -> float:
-        """``value`` as a finite number; booleans, strings and NaN are errors."""
+        """``value`` as a finite float: every numeric field is read here. Booleans, strings, NaN,
+        infinities and integers too large for a float (JSON allows any number of digits) are
+        errors."""
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise self.error(f"expected a number, got {type(value).__name__}", field)
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:
+            message = "expected a finite number, got an integer too large for a float"
+            raise self.error(message, field) from None
+        if not math.isfinite(number):
             raise self.error(f"expected a finite number, got {value}", field)
-        return float(value)
+        return number
+
+    def margin(self) -> float:
+        """The pair's optional ``margin`` (0 without one), a number reward training can hold."""
+        value = self.row.get("margin")
+        if value is None:
+            return 0.0
+        margin = self.finite_number(value, "margin")
+        if abs(margin) > FLOAT32_MAX:
+            message = f"expected a number within ±{FLOAT32_MAX:.4g} (a float32), got {margin:.4g}"
+            raise self.error(message, "margin")
+        return margin
 
     def nonempty(self, text: Text, field: str) -> None:
         contents = [text] if isinstance(text, str) else [m["content"] for m in text]
@@ -279,6 +315,11 @@ class RowChecker:
             raise self.error("no messages before the final assistant message to prompt it", field)
         self.nonempty(conversation[-1:], field)
         return conversation[:-1], conversation[-1:]
+
+
+def _with_margin(read: Callable[[RowChecker], Pair], check: RowChecker) -> Pair:
+    """The pair ``read`` reads from the row, with the row's margin."""
+    return replace(read(check), margin=check.margin())
 
 
 def _standard(check: RowChecker) -> Pair:

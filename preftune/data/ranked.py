@@ -39,7 +39,11 @@ def read_ranked(check: Any) -> Ranked:
         message = "missing; ranked rows need ranking (indices, best first) or scores"
         raise check.error(message, "ranking")
     order = _ranking if given[0] == "ranking" else _scores
-    return Ranked(prompt, tuple(texts), order(check, check.row[given[0]], len(texts)))
+    ranking = order(check, check.row[given[0]], len(texts))
+    if check.row.get("margin") is not None:
+        message = "only pairs take a margin; a ranked row's order is its ranking or scores"
+        raise check.error(message, "margin")
+    return Ranked(prompt, tuple(texts), ranking)
 
 
 def _ranking(check: Any, value: Any, count: int) -> Ranking:

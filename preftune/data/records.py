@@ -21,6 +21,9 @@ class Pair:
     rejected: Text
     row: int | None = field(default=None, compare=False)
     """The 1-based row of the source it was read from, for messages; not part of its value."""
+    margin: float = 0.0
+    """How far the chosen reward should exceed the rejected one: the row's optional ``margin``
+    column, 0 without it. Only reward models train on it."""
 
     @property
     def responses(self) -> tuple[Text, Text]:

@@ -4,17 +4,17 @@ Every reader returns ``(row_number, row)`` pairs with 1-based row numbers that p
 the source, so a later error can say exactly which row to fix. A row that cannot be read (bad
 JSON, bad bytes, a wrong number of cells) raises, or, given a ``skipped`` list, is added to it and
 left out, so that one pass can report every bad row; a source that cannot be read at all always
-raises.
+raises. JSON Lines and CSV files are read a line at a time and parquet files a batch of rows at a
+time, so reading a file costs little more than the rows it holds.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,10 @@ Row = dict[str, Any]
 Rows = list[tuple[int, Row]]
 Skipped = list[DataError] | None
 NEWLINE = b"\n"
+MAX_ROW_BYTES = 8 * 2**20
+"""The most text one row may hold: the UTF-8 bytes of all its strings. A text is tokenized whole,
+so that its tokens are exactly the tokenizer's, and that takes 100 to 200 bytes of memory per
+byte of text at its peak; this keeps one row's peak under about 1.7 GB."""
 
 ACCEPTED = ".jsonl, .json, .parquet, .csv, or a directory saved by datasets.save_to_disk"
 # ``org/name`` with an optional ``:split``; anything else that does not exist is a missing file.
@@ -35,8 +39,9 @@ def read_rows(spec: str, split: str = "train", skipped: Skipped = None) -> Rows:
 
     ``spec`` is a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory written by
     ``datasets.save_to_disk``, or a hub id ``org/name`` (optionally ``org/name:split``, which
-    overrides ``split``). Raises ``DataError`` naming the source (and row) on anything unreadable;
-    with ``skipped``, an unreadable row is appended there instead and the others are returned.
+    overrides ``split``). Raises ``DataError`` naming the source (and row) on anything unreadable
+    and on a row holding more than ``MAX_ROW_BYTES`` of text; with ``skipped``, such a row is
+    appended there instead and the others are returned.
     """
     path = Path(spec).expanduser()
     before = len(skipped) if skipped is not None else 0
@@ -49,9 +54,41 @@ def read_rows(spec: str, split: str = "train", skipped: Skipped = None) -> Rows:
         if hub is None or path.suffix.lower() in _READERS or spec.startswith((".", "/", "~")):
             raise DataError(spec, "no such file")
         rows = _read_hub(spec, hub["name"], hub["split"] or split)
+    rows = _within_size_limit(spec, rows, skipped)
     if not rows and (skipped is None or len(skipped) == before):
         raise DataError(spec, "no rows")
     return rows
+
+
+def _within_size_limit(spec: str, rows: Rows, skipped: Skipped) -> Rows:
+    """``rows`` less those holding more than ``MAX_ROW_BYTES`` of text, each an error."""
+    kept = []
+    for number, row in rows:
+        size = _text_bytes(row)
+        if size <= MAX_ROW_BYTES:
+            kept.append((number, row))
+            continue
+        limit = f"{MAX_ROW_BYTES:,} ({MAX_ROW_BYTES // 2**20} MiB)"
+        message = f"too large: {size:,} bytes of text; a row may hold at most {limit}"
+        keep_or_raise(DataError(spec, message, row=number), skipped)
+    return kept
+
+
+def _text_bytes(value: Any) -> int:
+    """The UTF-8 size of every string in ``value``, dictionary keys included, however deeply
+    nested (walked without recursion: a row may be nested as deeply as JSON allows)."""
+    size, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            # Surrogates cannot be UTF-8; they count as the 3 bytes each that passing them takes.
+            size += len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, dict):
+            pending += item.keys()
+            pending += item.values()
+        elif isinstance(item, list | tuple):
+            pending += item
+    return size
 
 
 def _read_file(spec: str, path: Path, skipped: Skipped) -> Rows:
@@ -99,12 +136,13 @@ def _json_type(value: Any) -> str:
 
 
 def _read_jsonl(spec: str, path: Path, skipped: Skipped) -> Rows:
-    return _parse_jsonl(spec, path.read_bytes(), skipped)
+    with path.open("rb") as lines:
+        return _parse_jsonl(spec, lines, skipped)
 
 
-def _parse_jsonl(spec: str, data: bytes, skipped: Skipped) -> Rows:
+def _parse_jsonl(spec: str, lines: Iterable[bytes], skipped: Skipped) -> Rows:
     rows = []
-    for number, raw in enumerate(data.split(NEWLINE), start=1):
+    for number, raw in enumerate(lines, start=1):
         try:
             line = _decode(spec, raw, row=number).strip()
             if line:
@@ -129,16 +167,15 @@ def _parse_json(spec: str, text: str, row: int | None = None) -> Any:
 
 
 def _read_json(spec: str, path: Path, skipped: Skipped) -> Rows:
-    data = path.read_bytes()
-    text = _decode(spec, data)
-    if not text.strip():
+    text = _decode(spec, path.read_bytes())
+    if not text or text.isspace():
         return []
     try:
         document = _parse_json(spec, text)
     except DataError as error:
         # A .json file holding one object per line is common enough to accept as JSON Lines.
         if error.message.startswith("invalid JSON: Extra data"):
-            return _parse_jsonl(spec, data, skipped)
+            return _read_jsonl(spec, path, skipped)
         raise
     if isinstance(document, dict):
         lists = [key for key, value in document.items() if isinstance(value, list)]
@@ -159,20 +196,23 @@ def _read_json(spec: str, path: Path, skipped: Skipped) -> Rows:
 
 
 def _read_csv(spec: str, path: Path, skipped: Skipped) -> Rows:
-    text = _decode(spec, path.read_bytes())
-    # A cell may be as long as the file: enormous rows are for truncation to handle, not csv.
+    # A cell may be as long as the file: enormous rows are for the size limit to refuse, not csv.
     limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)
     try:
-        return _parse_csv(spec, text, skipped)
+        with path.open(encoding="utf-8-sig", newline="") as lines:
+            return _parse_csv(spec, lines, skipped)
+    except UnicodeDecodeError:
+        _decode(spec, path.read_bytes())  # fails the same way, saying at which line and column
+        raise
     except csv.Error as error:
         raise DataError(spec, f"cannot read as CSV: {error}") from None
     finally:
         csv.field_size_limit(limit)
 
 
-def _parse_csv(spec: str, text: str, skipped: Skipped) -> Rows:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+def _parse_csv(spec: str, lines: Iterable[str], skipped: Skipped) -> Rows:
+    reader = csv.DictReader(lines)
     rows = []
     for number, record in enumerate(reader, start=1):
         # DictReader files surplus cells under the key None and fills missing ones with None.
@@ -202,10 +242,12 @@ def _read_parquet(spec: str, path: Path, skipped: Skipped) -> Rows:
     import pyarrow.parquet
 
     try:
-        table = pyarrow.parquet.read_table(path)
+        # A batch at a time: the whole table in Arrow's memory would double the rows' cost.
+        with pyarrow.parquet.ParquetFile(path) as file:
+            rows = (row for batch in file.iter_batches() for row in batch.to_pylist())
+            return list(enumerate(rows, start=1))
     except (pyarrow.ArrowException, OSError) as error:
         raise DataError(spec, f"cannot read as parquet: {_one_line(error)}") from None
-    return list(enumerate(table.to_pylist(), start=1))
 
 
 def _read_saved_dataset(spec: str, path: Path, split: str) -> Rows:

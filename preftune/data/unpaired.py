@@ -15,7 +15,14 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from preftune.data.encode import TruncationReport, tokenize_and_fit
-from preftune.data.formats import RowChecker, convert_rows, first_layout, has_field, pairs_from_rows
+from preftune.data.formats import (
+    RowChecker,
+    convert_rows,
+    first_layout,
+    has_field,
+    noting_unused_margins,
+    pairs_from_rows,
+)
 from preftune.data.records import Pair, Rated
 from preftune.data.sources import Row, Rows, Skipped, read_rows
 from preftune.errors import DataError
@@ -53,7 +60,7 @@ def rated_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[lis
             message = "ranked rows (responses) are for dpo and rm; KTO reads judged completions"
             raise DataError(spec, f"{message} (prompt, completion, label) or pairs")
         layout = f"{layout} pairs, split into desirable (chosen) and undesirable (rejected)"
-        return split_pairs(pairs), layout
+        return split_pairs(pairs), noting_unused_margins(layout, pairs)
     layout, first = first_layout(spec, rows, _unpaired_layout, skipped)
     if first == len(rows):
         return [], layout
