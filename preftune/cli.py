@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from preftune.config import (
 from preftune.demo.settings import DemoConfig
 from preftune.errors import PreftuneError
 from preftune.models.reward_settings import ScoreConfig
+from preftune.train.interrupt import Interrupted, Stopped, signals_stop_at_once
 
 COMMANDS: dict[str, tuple[type, str]] = {
     "dpo": (DPOConfig, "align a model to preference pairs (DPO, IPO, SLiC, …)"),
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="preftune", description="Direct preference optimization for causal language models."
     )
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (or PREFTUNE_DEBUG=1)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (config_class, summary) in COMMANDS.items():
         sub = commands.add_parser(
@@ -114,17 +119,44 @@ def _runner(command: str) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every error a user or the machine causes is one line on stderr (with
+    ``--debug`` or ``PREFTUNE_DEBUG=1``, its traceback); an internal error keeps its traceback,
+    being a bug."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("PREFTUNE_DEBUG", "") not in ("", "0")
     try:
-        if args.command == "data":
-            return _data_check(args)
-        config_class, _ = COMMANDS[args.command]
-        config = load_config(config_class, args.config, args.overrides)
-        _runner(args.command)(config)
-    except PreftuneError as error:
-        print(f"preftune: error: {error}", file=sys.stderr)
+        with signals_stop_at_once():
+            return _run(args)
+    except (Interrupted, Stopped) as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"preftune: {stop}", file=sys.stderr)
+        return stop.status
+    except KeyboardInterrupt:  # a Ctrl-C that Python delivered before preftune's handler
+        print("preftune: stopped at once by SIGINT", file=sys.stderr)
+        return 130
+    except (PreftuneError, OSError) as error:
+        if debug:
+            raise
+        print(f"preftune: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "data":
+        return _data_check(args)
+    config_class, _ = COMMANDS[args.command]
+    config = load_config(config_class, args.config, args.overrides)
+    _runner(args.command)(config)
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """A preftune error as it is; an error of the machine (disk full, permissions) with the file
+    it concerns."""
+    if isinstance(error, OSError) and not isinstance(error, PreftuneError):
+        what = error.strerror or str(error) or type(error).__name__
+        return f"{what}: {error.filename}" if error.filename else what
+    return str(error)
 
 
 def _data_check(args: argparse.Namespace) -> int:

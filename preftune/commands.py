@@ -15,10 +15,12 @@ from accelerate.utils import set_seed
 from preftune.config import DPOConfig, KTOConfig, RMConfig, SFTConfig, flatten, to_dict
 from preftune.data.check import Budget, check_dataset, describe_skipped
 from preftune.data.comparisons import encode_comparisons, load_comparisons
+from preftune.data.digest import examples_digest
 from preftune.data.encode import TruncationReport, encode_demos, encode_pairs
 from preftune.data.formats import load_demos, load_pairs
 from preftune.data.unpaired import encode_rated, label_counts, load_rated
-from preftune.errors import ConfigError, DataError, PreftuneError
+from preftune.errors import ConfigError, DataError, PreftuneError, TrainingError
+from preftune.files import write_text_atomically
 from preftune.models.load import ModelSpec, load_model, load_tokenizer, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora, save_merged
 from preftune.models.refcache import ReferencePass, cache_key, cache_root, model_digest
@@ -31,19 +33,23 @@ from preftune.objectives.speed import choose_scoring
 from preftune.train.card import write_model_card
 from preftune.train.loop import Run, micro_batch_size, train
 from preftune.train.plots import plot_metrics
+from preftune.train.resume import find_resume_point, run_identity
+from preftune.train.run_dir import claimed, mark
+from preftune.train.shared import decide_on_main
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def run_dpo(cfg: DPOConfig) -> dict[str, float]:
     acc = make_accelerator(cfg)
-    tokenizer = load_tokenizer(model_spec(cfg))
-    train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_pairs, encode_pairs)
-    model = load_model(model_spec(cfg), tokenizer)
-    model, objective, train_set, eval_set = setup_paired(
-        cfg, acc, model, tokenizer.pad_token_id, train_set, eval_set
-    )
-    return train_and_save(cfg, "dpo", acc, model, tokenizer, objective, train_set, eval_set)
+    with claimed(cfg.output_dir, acc):
+        tokenizer = load_tokenizer(model_spec(cfg))
+        train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_pairs, encode_pairs)
+        model = load_model(model_spec(cfg), tokenizer)
+        model, objective, train_set, eval_set = setup_paired(
+            cfg, acc, model, tokenizer.pad_token_id, train_set, eval_set
+        )
+        return train_and_save(cfg, "dpo", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def setup_paired(cfg: DPOConfig, acc, model, pad_id, train_set, eval_set):
@@ -95,45 +101,48 @@ def _reference_score(model, score):
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
     acc = make_accelerator(cfg)
-    tokenizer = load_tokenizer(model_spec(cfg))
-    train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_demos, encode_demos)
-    model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
-    objective = SFTObjective(tokenizer.pad_token_id)
-    return train_and_save(cfg, "sft", acc, model, tokenizer, objective, train_set, eval_set)
+    with claimed(cfg.output_dir, acc):
+        tokenizer = load_tokenizer(model_spec(cfg))
+        train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_demos, encode_demos)
+        model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
+        objective = SFTObjective(tokenizer.pad_token_id)
+        return train_and_save(cfg, "sft", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def run_rm(cfg: RMConfig) -> dict[str, float]:
     acc = make_accelerator(cfg)
-    tokenizer = load_tokenizer(model_spec(cfg))
-    load, encode = load_comparisons, encode_comparisons
-    train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load, encode)
-    model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer, reward=True), "SEQ_CLS")
-    objective = RewardObjective(tokenizer.pad_token_id)
-    return train_and_save(cfg, "rm", acc, model, tokenizer, objective, train_set, eval_set)
+    with claimed(cfg.output_dir, acc):
+        tokenizer = load_tokenizer(model_spec(cfg))
+        load, encode = load_comparisons, encode_comparisons
+        train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load, encode)
+        model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer, reward=True), "SEQ_CLS")
+        objective = RewardObjective(tokenizer.pad_token_id)
+        return train_and_save(cfg, "rm", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def run_kto(cfg: KTOConfig) -> dict[str, float]:
     acc = make_accelerator(cfg)
-    tokenizer = load_tokenizer(model_spec(cfg))
-    train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_rated, encode_rated)
-    for source, examples in ((cfg.data.train, train_set), (cfg.data.eval, eval_set)):
-        if examples is not None:
-            desirable, undesirable = label_counts(examples)
-            acc.print(f"{source}: {desirable} desirable, {undesirable} undesirable completions")
-    warning = balance_warning(*label_counts(train_set), cfg.kto)
-    if warning:
-        acc.print(warning)
-    if micro_batch_size(cfg.train, acc.num_processes) < 2:
-        acc.print(
-            "warning: with micro-batches of one example, the KL estimate scores each completion "
-            "after its own prompt; raise train.micro_batch_size to mismatch them"
-        )
-    model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
-    # The reference runs on every step: its log-probs of the mismatched pairs depend on which
-    # examples share a micro-batch, so they cannot be computed once ahead.
-    reference = AdapterDisabled(model) if is_lora(model) else FrozenCopy(model, acc.device)
-    objective = KTOObjective(cfg.kto, reference, tokenizer.pad_token_id)
-    return train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
+    with claimed(cfg.output_dir, acc):
+        tokenizer = load_tokenizer(model_spec(cfg))
+        train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_rated, encode_rated)
+        for source, examples in ((cfg.data.train, train_set), (cfg.data.eval, eval_set)):
+            if examples is not None:
+                desirable, undesirable = label_counts(examples)
+                acc.print(f"{source}: {desirable} desirable, {undesirable} undesirable completions")
+        warning = balance_warning(*label_counts(train_set), cfg.kto)
+        if warning:
+            acc.print(warning)
+        if micro_batch_size(cfg.train, acc.num_processes) < 2:
+            acc.print(
+                "warning: with micro-batches of one example, the KL estimate scores each "
+                "completion after its own prompt; raise train.micro_batch_size to mismatch them"
+            )
+        model = _maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
+        # The reference runs on every step: its log-probs of the mismatched pairs depend on which
+        # examples share a micro-batch, so they cannot be computed once ahead.
+        reference = AdapterDisabled(model) if is_lora(model) else FrozenCopy(model, acc.device)
+        objective = KTOObjective(cfg.kto, reference, tokenizer.pad_token_id)
+        return train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
 
 
 def _maybe_lora(cfg: SFTConfig, model: torch.nn.Module, task: str = "CAUSAL_LM"):
@@ -242,24 +251,53 @@ def train_and_save(
     leaves the accelerator's processes joined for another run."""
     output_dir = Path(cfg.output_dir)
     config = to_dict(cfg)
+    identity = run_identity(flatten(config), examples_digest(train_set))
+    resume = find_resume_point(output_dir, identity, cfg.train.allow_data_change, acc)
     if acc.is_main_process:
+        # The run's own checks have passed: from here on the directory is the run's.
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "preftune_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    flat = flatten(config)
-    run = Run(acc, model, objective, train_set, eval_set, cfg.train, output_dir, cfg.seed, flat)
+        mark(output_dir, command)
+        write_text_atomically(
+            output_dir / "preftune_config.yaml", yaml.safe_dump(config, sort_keys=False)
+        )
+    run = Run(
+        accelerator=acc,
+        model=model,
+        objective=objective,
+        train_examples=train_set,
+        eval_examples=eval_set,
+        config=cfg.train,
+        output_dir=output_dir,
+        seed=cfg.seed,
+        identity=identity,
+        resume=resume,
+    )
     metrics = train(run)
-    if acc.is_main_process:
-        if is_lora(model):
-            model = save_merged(model, output_dir)
-        model.save_pretrained(output_dir, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
-        _plot_metrics(output_dir, acc)
-        write_model_card(output_dir, command, cfg.model.path, config, metrics)
-        acc.print(f"saved the {command} model to {output_dir}")
+
+    def save() -> None:
+        try:
+            _save_model(output_dir, command, cfg, config, model, tokenizer, metrics, acc)
+        except OSError as error:
+            raise TrainingError(
+                f"cannot write the trained model to {output_dir}: {error.strerror or error}; "
+                "its final checkpoint is intact: run the same command again to write it"
+            ) from None
+
+    decide_on_main(acc, save)
     acc.wait_for_everyone()
     if finish:
         acc.end_training()
     return metrics
+
+
+def _save_model(output_dir, command, cfg, config, model, tokenizer, metrics, acc) -> None:
+    if is_lora(model):
+        model = save_merged(model, output_dir)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    _plot_metrics(output_dir, acc)
+    write_model_card(output_dir, command, cfg.model.path, config, metrics)
+    acc.print(f"saved the {command} model to {output_dir}")
 
 
 def _plot_metrics(output_dir: Path, acc: Accelerator) -> None:

@@ -112,7 +112,11 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith("step 4: 2 steps in a row with a non-finite loss")
-    assert "train.max_bad_steps=2" in message and "step-00000002, is intact" in message
+    assert (
+        "train.max_bad_steps=2" in message
+        and "the newest intact checkpoint is" in message
+        and "step-00000002" in message
+    )
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     weights, _ = checkpoint(out, 2)

@@ -98,6 +98,8 @@ def test_no_code_unpickles_data() -> None:
     assert sources
     for path in sources:
         text = path.read_text()
+        # Naming the error a refused pickle raises is allowed; loading one is not.
+        text = text.replace("from pickle import UnpicklingError\n", "")
         assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)

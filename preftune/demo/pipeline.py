@@ -27,6 +27,7 @@ from preftune.errors import ConfigError
 from preftune.models.settings import ModelConfig
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.settings import LossConfig
+from preftune.train.run_dir import check_output_dir, mark
 from preftune.train.settings import TrainConfig
 
 MAX_LENGTH = 128
@@ -43,7 +44,9 @@ class Corpus:
 
 def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     out = Path(cfg.output_dir)
+    check_output_dir(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
+    mark(out, "demo")
     judge = load_judge(cfg.judge, MAX_LENGTH)
     corpus = load_corpus(cfg)
     base = prepare_base_model(cfg, corpus.reviews, out / "base")

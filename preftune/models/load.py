@@ -5,9 +5,11 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoModelForCausalLM,
@@ -95,7 +97,12 @@ def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedMo
                 attn_implementation=spec.attn_implementation,
                 **head,
             )
-        except (OSError, ValueError) as error:
+        except UnpicklingError:
+            raise PreftuneError(
+                f"cannot load model '{spec.path}': its weights are a pickle holding more than "
+                "tensors, which preftune refuses to run; convert them to safetensors"
+            ) from None
+        except (OSError, ValueError, SafetensorError) as error:
             raise PreftuneError(f"cannot load model '{spec.path}': {_first_line(error)}") from None
         if reward and model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from preftune.data.digest import examples_digest
 from preftune.data.encode import EncodedPair
 from preftune.files import replaced_atomically
 from preftune.models.attention import inner_model
@@ -53,18 +55,8 @@ def model_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def data_digest(examples: Sequence[EncodedPair]) -> str:
-    """A hash of the token ids of every pair, in order."""
-    digest = hashlib.blake2b(digest_size=16)
-    for pair in examples:
-        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
-            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-            digest.update(b"|")
-    return digest.hexdigest()
-
-
 def cache_key(model_hash: str, examples: Sequence[EncodedPair], dtype: torch.dtype) -> str:
-    text = f"{FORMAT}:{model_hash}:{data_digest(examples)}:{dtype}"
+    text = f"{FORMAT}:{model_hash}:{examples_digest(examples)}:{dtype}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -83,18 +75,18 @@ class ReferencePass:
         """``examples`` carrying their reference log-probabilities, read from ``path`` when it
         exists, else computed and written there."""
         acc = self.acc
-        if path.exists():
-            values = load_file(path)["logps"]
+        values = _read_cache(path, len(examples))
+        if isinstance(values, torch.Tensor):
             acc.print(f"{label}: reference log-probs from the cache ({path})")
         else:
+            if values is not None:
+                acc.print(f"{label}: the reference cache {path} {values}; computing it again")
             values = self.compute(examples, label)
             if acc.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with replaced_atomically(path) as partial:
                     save_file({"logps": values.cpu().contiguous()}, partial)
             acc.wait_for_everyone()
-        if values.shape != (len(examples), 2):
-            raise RuntimeError(f"{path} holds {tuple(values.shape)} values, not {len(examples)}")
         return [
             replace(pair, reference_logps=(float(c), float(r)))
             for pair, (c, r) in zip(examples, values.tolist(), strict=True)
@@ -121,3 +113,19 @@ class ReferencePass:
             values[index] = sums.float().view(2, len(part)).T
         model.train(was_training)
         return acc.reduce(values, "sum")
+
+
+def _read_cache(path: Path, pairs: int) -> torch.Tensor | str | None:
+    """The (pairs, 2) values cached at ``path``; None when there are none; what is wrong with
+    the file when it cannot be used (cut short, say, or not of this data's size)."""
+    if not path.exists():
+        return None
+    try:
+        values = load_file(path)["logps"]
+    except (OSError, SafetensorError, KeyError) as error:
+        return (
+            f"cannot be read ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        )
+    if values.shape != (pairs, 2):
+        return f"holds {tuple(values.shape)} values, not ({pairs}, 2)"
+    return values

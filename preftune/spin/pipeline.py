@@ -50,6 +50,7 @@ from preftune.models.load import load_model, load_tokenizer
 from preftune.spin.settings import SPINSettings
 from preftune.train.card import write_model_card
 from preftune.train.checkpoint import latest_checkpoint
+from preftune.train.run_dir import MARKER, claimed, mark
 
 # Written last in an iteration's directory: the iteration is finished when it exists.
 RECORD = "spin_iteration.json"
@@ -60,6 +61,7 @@ ITERATION_FILES = (
     "trackers.json",
     "preftune_config.yaml",
     "README.md",
+    MARKER,
     RECORD,
 )
 
@@ -68,6 +70,16 @@ def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
     """Run the iterations not finished earlier in ``cfg.output_dir``; returns one record per
     iteration: its pair counts and its final metrics."""
     acc = make_accelerator(cfg)
+    with claimed(cfg.output_dir, acc):
+        if acc.is_main_process:
+            mark(Path(cfg.output_dir), "spin")
+        records = _iterations(cfg, acc)
+        _save_final(cfg, acc, records)
+    acc.end_training()
+    return records
+
+
+def _iterations(cfg: SPINConfig, acc: Accelerator) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(model_spec(cfg))
     train_demos, eval_demos = train_and_eval_sets(cfg, tokenizer, acc, load_demos, encode_demos)
     records = []
@@ -81,8 +93,6 @@ def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
         else:
             acc.print(f"iteration {iteration}: finished earlier, in {directory}")
         records.append(record)
-    _save_final(cfg, acc, records)
-    acc.end_training()
     return records
 
 
@@ -248,7 +258,9 @@ def _save_final(cfg: SPINConfig, acc: Accelerator, records: list[dict[str, Any]]
             if path.is_file() and not own:
                 shutil.copy2(path, output_dir / path.name)
         config = to_dict(cfg)
-        (output_dir / "preftune_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        write_text_atomically(
+            output_dir / "preftune_config.yaml", yaml.safe_dump(config, sort_keys=False)
+        )
         _write_atomic(output_dir / "spin.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         metrics = {key: value for key, value in records[-1].items() if key != "iteration"}
         write_model_card(output_dir, "spin", cfg.model.path, config, metrics)

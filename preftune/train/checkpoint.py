@@ -2,10 +2,12 @@
 
 Each holds the weights (safetensors), the optimizer and scheduler states and every RNG state
 (a tensors-only file loaded with ``weights_only=True``, so loading runs no pickled code) and
-``state.json``. It is written to a temporary directory and renamed into place, and old ones are
-renamed away before they are deleted, so a directory named ``step-*`` is always complete: a
+``state.json``: the step, the run's identity (config and data digest) and the size and checksum
+of each other file. It is written to a temporary directory and renamed into place, and old ones
+are renamed away before they are deleted, so a directory named ``step-*`` is always complete: a
 process killed at any moment leaves the newest complete checkpoint loadable, and the leftovers
-(``.tmp-*``, ``.old-*``) are removed on the next start.
+(``.tmp-*``, ``.old-*``) are removed on the next start. A checkpoint damaged afterwards (a disk
+error, a copy cut short) fails its checksums and is passed over for the newest intact one.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import os
 import random
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy
 import torch
+import xxhash
 from safetensors.torch import load_model, save_model
+
+from preftune.errors import TrainingError
 
 PREFIX = "step-"
 STAGING = ".tmp-"
@@ -28,22 +34,111 @@ RETIRED = ".old-"
 FILES = ("model.safetensors", "training_state.pt", "state.json")
 
 
+def _write_files(
+    staging: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    identity: dict[str, Any],
+) -> None:
+    save_model(model, str(staging / "model.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            **rng_states(),
+        },
+        staging / "training_state.pt",
+    )
+    files = {
+        name: {"bytes": (staging / name).stat().st_size, "xxh3": file_checksum(staging / name)}
+        for name in FILES
+        if name != "state.json"
+    }
+    # Written last: a checkpoint is complete when its state.json exists.
+    state = {"step": step, **identity, "files": files}
+    (staging / "state.json").write_text(json.dumps(state))
+    _fsync_dir(staging)
+
+
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``output_dir``, if any."""
+    """The newest complete checkpoint under ``output_dir``, if any (not verified)."""
     done = complete_checkpoints(checkpoint_root(output_dir))
     return done[-1] if done else None
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint directories holding every file, oldest first."""
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Every ``step-*`` directory, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
-    return sorted(p for p in found if all((p / name).is_file() for name in FILES))
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories holding every file, oldest first."""
+    return [p for p in checkpoint_dirs(root) if all((p / name).is_file() for name in FILES)]
+
+
+@dataclass
+class ResumePoint:
+    """The newest intact checkpoint, what it says of its run, and the newer ones passed over."""
+
+    path: Path
+    state: dict[str, Any]
+    passed_over: list[str]
+
+
+def newest_intact(output_dir: str | Path) -> ResumePoint | None:
+    """The newest checkpoint under ``output_dir`` that passes :func:`damage`; None when there is
+    none at all. Damaged ones are passed over, each with its reason; when every one is damaged,
+    a one-line :class:`TrainingError` lists them."""
+    passed_over = []
+    for path in reversed(checkpoint_dirs(checkpoint_root(output_dir))):
+        state, reason = read_verified(path)
+        if state is not None:
+            return ResumePoint(path, state, passed_over)
+        passed_over.append(f"{path.name} ({reason})")
+    if passed_over:
+        raise TrainingError(
+            f"no intact checkpoint in {checkpoint_root(output_dir)} to resume from: "
+            f"{'; '.join(passed_over)}; move the checkpoints directory away to start over"
+        )
+    return None
+
+
+def read_verified(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``state.json`` of the checkpoint at ``path`` when every file is there with the size and
+    checksum it was written with; else None and what is wrong."""
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        return None, f"{', '.join(missing)} missing"
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        files = state.get("files", {})  # absent from checkpoints written before checksums
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, "state.json cannot be read"
+    for name, expected in files.items():
+        size = (path / name).stat().st_size
+        if size != expected["bytes"]:
+            return None, f"{name} holds {size} bytes, not the {expected['bytes']} written"
+        if file_checksum(path / name) != expected["xxh3"]:
+            return None, f"{name} fails its checksum"
+    return state | {"step": step}, None
+
+
+def file_checksum(path: Path) -> str:
+    """A fast 128-bit checksum of the file's bytes (xxh3), read in 16 MiB blocks."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_leftovers(output_dir: str | Path) -> list[Path]:
@@ -64,37 +159,28 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
-    run_config: dict[str, Any],
+    identity: dict[str, Any],
 ) -> Path:
+    """Write the checkpoint of ``step`` atomically; ``identity`` (the run's config and data
+    digest) goes into its ``state.json``, for a resumed run to compare with its own."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     staging = root / f"{STAGING}{final.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_model(model, str(staging / "model.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            **rng_states(),
-        },
-        staging / "training_state.pt",
-    )
-    # Written last: a checkpoint is complete when its state.json exists.
-    (staging / "state.json").write_text(json.dumps({"step": step, "config": run_config}))
-    _fsync_dir(staging)
+    try:
+        _write_files(staging, step, model, optimizer, scheduler, identity)
+    except BaseException:
+        # A failed write (a full disk, say) leaves nothing behind and the checkpoints as they were.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if final.exists():
         _retire(final)
     os.replace(staging, final)
     _fsync_dir(root)
     prune(root, keep)
     return final
-
-
-def checkpoint_config(path: Path) -> dict[str, Any]:
-    """The config of the run that wrote the checkpoint at ``path``."""
-    return json.loads((path / "state.json").read_text())["config"]
 
 
 def load_checkpoint(
@@ -106,7 +192,7 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state)
-    return json.loads((path / "state.json").read_text())["step"]
+    return int(json.loads((path / "state.json").read_text())["step"])
 
 
 def rng_states() -> dict[str, Any]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from signal import SIGTERM
 from typing import Any
 
 import torch
@@ -15,16 +16,28 @@ from accelerate import Accelerator
 from preftune.errors import ConfigError, TrainingError
 from preftune.objectives.base import Batch, Metrics, Objective
 from preftune.train.checkpoint import (
-    checkpoint_config,
-    latest_checkpoint,
+    ResumePoint,
     load_checkpoint,
+    newest_intact,
     remove_leftovers,
     save_checkpoint,
 )
+from preftune.train.guard import (
+    NON_FINITE_WEIGHTS,
+    BadStep,
+    after_update,
+    bad_examples,
+    describe_rows,
+    newest_intact_phrase,
+    report_bad_step,
+    step_health,
+)
+from preftune.train.interrupt import Interrupted, StopRequest
 from preftune.train.metrics_log import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
 from preftune.train.sampler import StepSampler, chunks, process_share
 from preftune.train.settings import TrainConfig
+from preftune.train.shared import decide_on_main
 from preftune.train.trackers import open_trackers
 
 
@@ -40,34 +53,11 @@ class Run:
     config: TrainConfig
     output_dir: Path
     seed: int
-    run_config: dict[str, Any]
-    """The whole config, flattened to dotted keys; a resumed run must match it."""
-
-
-# Keys that only change what is logged or kept, or when a run gives up, so a run may resume
-# with new values.
-RESUMABLE_CHANGES = (
-    "output_dir",
-    "train.log_every",
-    "train.eval_every",
-    "train.save_every",
-    "train.keep_checkpoints",
-    "train.max_bad_steps",
-    "train.report_to",
-    "data.on_error",
-    "speed.cache_dir",
-    "speed.reference_batch_size",
-)
-
-
-@dataclass
-class BadStep:
-    """An optimizer step whose update was skipped: why, and which micro-batches (numbered over
-    all processes, in global-batch order) had a non-finite loss; empty when only the gradient
-    was non-finite."""
-
-    reason: str
-    micro_batches: list[int]
+    identity: dict[str, Any]
+    """What a checkpoint records of the run, for a resumed run to match: the flattened config
+    and the training data's digest (see :mod:`preftune.train.resume`)."""
+    resume: ResumePoint | None = None
+    """The checkpoint to resume from, chosen and checked before anything was written."""
 
 
 def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
@@ -91,11 +81,13 @@ def total_steps(cfg: TrainConfig, sampler: StepSampler) -> int:
 
 
 def train(run: Run) -> dict[str, float]:
-    """Train until the last step, resuming from the newest checkpoint in ``run.output_dir``.
+    """Train until the last step, resuming from ``run.resume`` when given.
 
     A step whose loss or gradient is not finite changes nothing (see :func:`_optimizer_step`);
-    after ``train.max_bad_steps`` such steps in a row the run stops with a ``TrainingError``,
-    its newest checkpoint untouched.
+    an update that leaves a weight non-finite is undone (see :func:`_undo`). After
+    ``train.max_bad_steps`` such steps in a row the run stops with a ``TrainingError``, its
+    checkpoints untouched. SIGINT or SIGTERM ends the step in progress, saves a checkpoint and
+    raises :class:`~preftune.train.interrupt.Interrupted`.
     """
     acc, cfg = run.accelerator, run.config
     micro = micro_batch_size(cfg, acc.num_processes)
@@ -118,109 +110,131 @@ def train(run: Run) -> dict[str, float]:
     model, optimizer = acc.prepare(run.model, optimizer)
     trackers = []
     if acc.is_main_process:
-        trackers = open_trackers(cfg.report_to, run.output_dir, start, run.run_config)
+        trackers = open_trackers(cfg.report_to, run.output_dir, start, run.identity["config"])
     log = MetricsLog(
         run.output_dir, steps, start, acc.is_main_process, run.objective.name, trackers
     )
+    stop = StopRequest()
+    undone: set[int] = set()  # steps whose update left weights non-finite: skipped from now on
+    replay_until = 0  # after an undo, steps up to here are computed again but not logged again
     bad_in_a_row = 0
+    step = start + 1
     try:
-        for step in range(start + 1, steps + 1):
-            order = sampler.global_batch(step)
-            indices = process_share(order, acc.process_index, acc.num_processes)
-            batches = [
-                run.objective.collate([run.train_examples[i] for i in part])
-                for part in chunks(indices, micro)
-            ]
-            stats, bad = _optimizer_step(model, run.objective, batches, acc, optimizer, cfg)
-            stats["learning_rate"] = scheduler.get_last_lr()[0]
-            scheduler.step()
-            log.count_tokens(int(stats.pop("tokens")))
-            bad_in_a_row = bad_in_a_row + 1 if bad else 0
-            if bad:
-                stats["update_skipped"] = 1.0
-                examples = bad_examples(order, bad, micro)
-                _report_bad_step(run, step, bad, examples, bad_in_a_row)
-            if step % cfg.log_every == 0 or step == steps:
-                log.log(step, stats)
-            if run.eval_examples and (
-                step == steps or (cfg.eval_every and step % cfg.eval_every == 0)
-            ):
-                evaluated = evaluate(
-                    acc.unwrap_model(model), run.objective, run.eval_examples, micro, acc
+        with stop.watch():
+            while step <= steps:
+                order = sampler.global_batch(step)
+                indices = process_share(order, acc.process_index, acc.num_processes)
+                batches = [
+                    run.objective.collate([run.train_examples[i] for i in part])
+                    for part in chunks(indices, micro)
+                ]
+                skip = step in undone
+                stats, bad = _optimizer_step(
+                    model, run.objective, batches, acc, optimizer, cfg, skip
                 )
-                log.log(step, evaluated, prefix="eval/")
-            if step == steps or (cfg.save_every and step % cfg.save_every == 0):
-                if acc.is_main_process:
-                    save_checkpoint(
-                        run.output_dir,
-                        step,
-                        acc.unwrap_model(model),
-                        optimizer,
-                        scheduler,
-                        cfg.keep_checkpoints,
-                        run.run_config,
-                    )
-                acc.wait_for_everyone()
-            log.advance()
+                poisoned, stopping = after_update(model, stop.requested, acc)
+                if poisoned:
+                    undone.add(step)
+                    replay_until = step - 1
+                    step = _undo(run, model, optimizer, scheduler, step) + 1
+                    continue
+                if skip:
+                    bad = BadStep(NON_FINITE_WEIGHTS, [])
+                stats["learning_rate"] = scheduler.get_last_lr()[0]
+                scheduler.step()
+                if step > replay_until:
+                    log.count_tokens(int(stats.pop("tokens")))
+                    bad_in_a_row = bad_in_a_row + 1 if bad else 0
+                    if bad:
+                        stats["update_skipped"] = 1.0
+                        _report(run, step, bad, bad_examples(order, bad, micro), bad_in_a_row)
+                    if step % cfg.log_every == 0 or step == steps:
+                        log.log(step, stats)
+                if stopping:
+                    _save(run, step, model, optimizer, scheduler)
+                    raise Interrupted(step, steps, stop.signum or SIGTERM)
+                if step > replay_until:
+                    _evaluate_and_save(run, step, steps, model, optimizer, scheduler, micro, log)
+                log.advance()
+                step += 1
     finally:
         log.close()
     return {key: value for key, value in log.latest.items() if key != "step"}
 
 
+def _evaluate_and_save(run, step, steps, model, optimizer, scheduler, micro, log) -> None:
+    """Evaluate and checkpoint when ``step`` calls for it."""
+    cfg, acc = run.config, run.accelerator
+    if run.eval_examples and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+        evaluated = evaluate(acc.unwrap_model(model), run.objective, run.eval_examples, micro, acc)
+        log.log(step, evaluated, prefix="eval/")
+    if step == steps or (cfg.save_every and step % cfg.save_every == 0):
+        _save(run, step, model, optimizer, scheduler)
+
+
+def _save(run: Run, step: int, model, optimizer, scheduler) -> None:
+    """Checkpoint ``step`` on the main process; a failed write (a full disk) is one line on
+    every process, the checkpoints written before it intact."""
+    acc, cfg = run.accelerator, run.config
+
+    def save() -> None:
+        try:
+            save_checkpoint(
+                run.output_dir,
+                step,
+                acc.unwrap_model(model),
+                optimizer,
+                scheduler,
+                cfg.keep_checkpoints,
+                run.identity,
+            )
+        except OSError as error:
+            raise TrainingError(
+                f"cannot write the checkpoint of step {step} in {run.output_dir}: "
+                f"{error.strerror or error}; stopped, {newest_intact_phrase(run.output_dir)}"
+            ) from None
+
+    decide_on_main(acc, save)
+
+
 def _resume(run: Run, optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> int:
-    """Load the newest complete checkpoint, if any, and return its step (0 without one)."""
+    """Remove what interrupted saves left, load ``run.resume`` if any, and return its step."""
     acc = run.accelerator
     if acc.is_main_process:
         for leftover in remove_leftovers(run.output_dir):
             acc.print(f"removed {leftover}, left by an interrupted checkpoint write")
     acc.wait_for_everyone()
-    checkpoint = latest_checkpoint(run.output_dir)
-    if checkpoint is None:
+    if run.resume is None:
         return 0
-    _check_same_run(checkpoint_config(checkpoint), run.run_config, run.output_dir)
-    start = load_checkpoint(checkpoint, run.model, optimizer, scheduler)
-    acc.print(f"resuming from {checkpoint} (step {start} of {steps})")
+    start = load_checkpoint(run.resume.path, run.model, optimizer, scheduler)
+    acc.print(f"resuming from {run.resume.path} (step {start} of {steps})")
     return start
 
 
-def bad_examples(order: list[int], bad: BadStep, micro: int) -> list[int]:
-    """Indices into the training set of the examples a bad step is blamed on: those of its
-    micro-batches with a non-finite loss, else (a non-finite gradient) the whole global batch."""
-    if not bad.micro_batches:
-        return sorted(order)
-    return sorted(i for part in bad.micro_batches for i in order[part * micro : (part + 1) * micro])
-
-
-def _report_bad_step(run: Run, step: int, bad: BadStep, examples: list[int], in_a_row: int) -> None:
-    limit = run.config.max_bad_steps
-    rows = [getattr(run.train_examples[i], "row", None) for i in examples]
-    if all(row is not None for row in rows):
-        what, numbers = "data.train rows", sorted(rows)
-    else:
-        what, numbers = "training examples (0-based, among the rows kept from data.train)", examples
-    shown = ", ".join(map(str, numbers[:16])) + (", …" if len(numbers) > 16 else "")
-    where = f"{what}: {shown}"
-    if limit and in_a_row >= limit:
-        newest = latest_checkpoint(run.output_dir)
-        kept = f"the newest checkpoint, {newest}, is intact" if newest else "no checkpoint yet"
+def _undo(run: Run, model, optimizer, scheduler, step: int) -> int:
+    """Undo the update of ``step``, which left weights non-finite: restore the newest intact
+    checkpoint and return its step; the loop computes the steps after it again (exactly, as a
+    resumed run does) and skips ``step``'s update. Without a checkpoint, the run stops."""
+    acc = run.accelerator
+    point = decide_on_main(acc, lambda: newest_intact(run.output_dir))
+    if point is None:
         raise TrainingError(
-            f"step {step}: {in_a_row} steps in a row with a {bad.reason} "
-            f"(train.max_bad_steps={limit}); stopped, {kept}; {where}"
+            f"step {step}: the update made weights non-finite and there is no checkpoint to "
+            f"undo it from; stopped without saving (train.learning_rate="
+            f"{run.config.learning_rate:g}; train.save_every={run.config.save_every})"
         )
-    run.accelerator.print(
-        f"step {step}: {bad.reason}; update skipped ({in_a_row} in a row, stopping at "
-        f"train.max_bad_steps={limit or 'never'}); {where}"
+    restored = load_checkpoint(point.path, acc.unwrap_model(model), optimizer, scheduler)
+    acc.print(
+        f"step {step}: the update made weights non-finite; undone by restoring {point.path} "
+        f"and computing steps {restored + 1} to {step - 1} again; step {step} will be skipped"
     )
+    return restored
 
 
-def _check_same_run(saved: dict[str, Any], current: dict[str, Any], output_dir: Path) -> None:
-    for key in sorted(saved.keys() | current.keys()):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
-            raise ConfigError(
-                f"{output_dir} holds a checkpoint of a different run ({key} was "
-                f"{saved.get(key)!r}, now {current.get(key)!r}): resume with the same config or "
-                f"choose another output_dir"
-            )
+def _report(run: Run, step: int, bad: BadStep, examples: list[int], in_a_row: int) -> None:
+    rows = describe_rows(examples, run.train_examples)
+    limit = run.config.max_bad_steps
+    report_bad_step(step, bad, rows, examples, in_a_row, limit, run.output_dir, run.accelerator)
 
 
 def _optimizer_step(
@@ -230,10 +244,12 @@ def _optimizer_step(
     acc: Accelerator,
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
+    skip_update: bool = False,
 ) -> tuple[dict[str, float], BadStep | None]:
     """Accumulate over ``batches`` so the gradient is that of the mean over the global batch,
-    then update, unless some process saw a non-finite loss or the gradient is not finite: then
-    the gradient is dropped and the weights and optimizer state stay as they were."""
+    then update, unless some process saw a non-finite loss or the gradient is not finite (or
+    ``skip_update``): then the gradient is dropped and the weights and optimizer state stay as
+    they were."""
     local_weight = sum(objective.weight(batch) for batch in batches)
     total_weight = acc.reduce(torch.tensor(float(local_weight), device=acc.device), "sum")
     # Each process's gradients are averaged by the engine, hence the factor num_processes.
@@ -252,8 +268,8 @@ def _optimizer_step(
         _accumulate(sums, metrics)
         tokens += real_tokens(batch)
     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-    counts, bad = _step_health(finite, float(grad_norm), tokens, acc)
-    if bad is None:
+    counts, bad = step_health(finite, float(grad_norm), tokens, acc)
+    if bad is None and not skip_update:
         optimizer.step()
     elif acc.scaler is not None:
         acc.scaler.update()  # the loss scaler expects an update after unscaling
@@ -262,30 +278,6 @@ def _optimizer_step(
     stats["grad_norm"] = float(grad_norm)
     stats["tokens"] = float(counts)
     return stats, bad
-
-
-def _step_health(
-    finite: list[torch.Tensor], grad_norm: float, tokens: int, acc: Accelerator
-) -> tuple[int, BadStep | None]:
-    """The step's token count and, if its update must be skipped, why.
-
-    One reduction tells every process which micro-batches of every process had a non-finite
-    loss, so all of them skip the same updates. Under a loss scaler (float16), a non-finite
-    gradient with finite losses is the scaler's to handle: it skips that update itself.
-    """
-    per_process = len(finite)
-    slots = torch.zeros(2 + acc.num_processes * per_process, dtype=torch.long, device=acc.device)
-    slots[0] = tokens
-    slots[1] = int(not math.isfinite(grad_norm) and acc.scaler is None)
-    start = 2 + acc.process_index * per_process
-    slots[start : start + per_process] = (~torch.stack(finite)).long()
-    slots = acc.reduce(slots, "sum").tolist()
-    losses = [index for index, flag in enumerate(slots[2:]) if flag]
-    if losses:
-        return slots[0], BadStep("non-finite loss", losses)
-    if slots[1]:
-        return slots[0], BadStep("non-finite gradient", [])
-    return slots[0], None
 
 
 @torch.no_grad()

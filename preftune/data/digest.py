@@ -1,0 +1,44 @@
+"""A digest of tokenized examples: what a run trains on, by content.
+
+Two datasets get the same digest exactly when they encode to the same examples in the same
+order (token ids, labels, margins), wherever and however they were read. Where an example came
+from (its row number) and what is computed from it later (reference log-probs) do not count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from array import array
+from collections.abc import Iterable
+from typing import Any
+
+NOT_CONTENT = ("row", "reference_logps")
+
+
+def examples_digest(examples: Iterable[Any]) -> str:
+    """A 128-bit hex digest of the content of ``examples``, dataclasses of encoded fields."""
+    digest = hashlib.blake2b(digest_size=16)
+    for example in examples:
+        for field in dataclasses.fields(example):
+            if field.name not in NOT_CONTENT:
+                _update(digest, getattr(example, field.name))
+        digest.update(b";")
+    return digest.hexdigest()
+
+
+def _update(digest: Any, value: Any) -> None:
+    if isinstance(value, list | tuple):
+        try:
+            data = array("q", value).tobytes()  # a sequence of token ids, the common case
+        except (TypeError, OverflowError):
+            digest.update(b"[")
+            for item in value:
+                _update(digest, item)
+            digest.update(b"]")
+            return
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+        return
+    digest.update(repr(value).encode())
+    digest.update(b",")
