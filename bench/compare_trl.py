@@ -106,12 +106,14 @@ def make_model(directory: Path, args: argparse.Namespace) -> int:
 
 
 def encoded(work: Path, max_length: int):
-    from preftune.data.encode import encode_pairs
-    from preftune.data.formats import load_pairs
+    from preftune.data.encode import Budget, encode_pairs
+    from preftune.data.readers import load_pairs
     from preftune.models.load import ModelSpec, load_tokenizer
 
     tokenizer = load_tokenizer(ModelSpec(str(work / "model")))
-    pairs, _ = encode_pairs(load_pairs(str(work / "pairs.jsonl"))[0], tokenizer, max_length, None)
+    pairs, _ = encode_pairs(
+        load_pairs(str(work / "pairs.jsonl"))[0], tokenizer, Budget(max_length, None)
+    )
     return pairs, tokenizer
 
 
@@ -166,8 +168,8 @@ def run_trl(work: Path, args: argparse.Namespace, precompute: bool) -> dict:
 
 
 def run_preftune(work: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
-    from preftune.commands import run_dpo
-    from preftune.config import DPOConfig, load_config
+    from preftune.commands.dpo import DPOConfig, run_dpo
+    from preftune.config import load_config
 
     pairs, _ = encoded(work, args.max_length)
     out = Path(tempfile.mkdtemp(dir=work))

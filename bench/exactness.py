@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from preftune.objectives.speed import PairScoring, SpeedConfig, choose_scoring
+from preftune.objectives.settings import SpeedSettings
+from preftune.objectives.speed import PairScoring, choose_scoring
 from tests.architectures import ARCHITECTURES, INEXPRESSIBLE, build
 from tests.test_architectures import alone, random_pairs, score
 
@@ -40,7 +41,7 @@ def main() -> None:
     print("|---" * (len(LAYOUTS) + 2) + "|")
     for name in [*ARCHITECTURES, *INEXPRESSIBLE]:
         model = build(name).eval()
-        chosen, line = choose_scoring(model, SpeedConfig())
+        chosen, line = choose_scoring(model, SpeedSettings())
         errors = dict.fromkeys(LAYOUTS, 0.0)
         for seed in range(args.seeds):
             pairs = random_pairs(args.pairs, seed)

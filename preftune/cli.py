@@ -3,46 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import sys
-from collections.abc import Callable
 
 from preftune import __version__
-from preftune.config import (
-    DPOConfig,
-    KTOConfig,
-    RMConfig,
-    SFTConfig,
-    SPINConfig,
-    describe,
-    given_keys,
-    load_config,
-)
-from preftune.demo.settings import DemoConfig
+from preftune.commands import REGISTRY, TRAINING
+from preftune.commands.data_check import training_config
+from preftune.config import describe, load_config
 from preftune.errors import PreftuneError
-from preftune.models.reward_settings import ScoreConfig
 from preftune.train.interrupt import Interrupted, Stopped, signals_stop_at_once
 
-COMMANDS: dict[str, tuple[type, str]] = {
-    "dpo": (DPOConfig, "align a model to preference pairs (DPO, IPO, SLiC, …)"),
-    "sft": (SFTConfig, "supervised fine-tuning on prompt/completion or messages rows"),
-    "kto": (KTOConfig, "align a model to completions judged desirable or not (KTO)"),
-    "spin": (SPINConfig, "self-play fine-tuning: SFT data against the model's own completions"),
-    "rm": (RMConfig, "train a reward model on pairs (Bradley–Terry) or rankings (Plackett–Luce)"),
-    "score": (ScoreConfig, "score prompt/completion rows or pairs with a trained reward model"),
-    "demo": (DemoConfig, "the DPO paper's controlled-sentiment experiment, offline, in minutes"),
-}
-DATA_CHECK = "read datasets exactly as training would: every bad row, token lengths, duplicates"
+DATA_CHECK = "data check"
 DATA_CHECK_USAGE = """\
 Each PATH (default: data.train and data.eval) is read, validated and tokenized with the
 tokenizer of model.path and the data.* settings, as the training commands would: the same
 --config file works. Prints a summary per dataset on stdout and one line per problem on stderr;
 exits 0 when no problem was found, 1 when some were, 2 on an error that stops the check.
 """
-# Commands whose config has model.* and data.* keys, most general first.
-TRAINING_COMMANDS = ("dpo", "kto", "spin", "rm", "sft")
 # ``key=value`` where the key is a dotted config name; anything else is a dataset path.
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -55,6 +33,7 @@ def key_table(config_class: type, prefixes: tuple[str, ...] = ()) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per command of the registry; ``data check`` under ``data``."""
     parser = argparse.ArgumentParser(
         prog="preftune", description="Direct preference optimization for causal language models."
     )
@@ -63,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show the traceback of an error (or PREFTUNE_DEBUG=1)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (config_class, summary) in COMMANDS.items():
+    for command in REGISTRY.values():
+        if command.name == DATA_CHECK:
+            continue
         sub = commands.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            epilog=key_table(config_class),
+            command.name,
+            help=command.summary,
+            description=command.summary,
+            epilog=key_table(command.config),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("--config", metavar="FILE", help="YAML config file")
@@ -80,11 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_data_parser(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="check a dataset", description="Dataset tools.")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    summary = REGISTRY[DATA_CHECK].summary
     check = actions.add_parser(
         "check",
-        help=DATA_CHECK,
-        description=f"{DATA_CHECK}.\n\n{DATA_CHECK_USAGE}",
-        epilog=key_table(DPOConfig, ("model.", "data.")),
+        help=summary,
+        description=f"{summary}.\n\n{DATA_CHECK_USAGE}",
+        epilog=key_table(REGISTRY["dpo"].config, ("model.", "data.")),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument(
@@ -98,24 +80,6 @@ def _add_data_parser(commands: argparse._SubParsersAction) -> None:
         "prompt/completion/label) (auto: from the first row)",
     )
     check.add_argument("items", nargs="*", metavar="PATH | key=value", help="dataset or override")
-
-
-def _runner(command: str) -> Callable:
-    # Imported lazily so that --help answers without loading torch and transformers.
-    from preftune import commands
-    from preftune.demo.pipeline import run_demo
-    from preftune.scoring import run_score
-    from preftune.spin.pipeline import run_spin
-
-    return {
-        "dpo": commands.run_dpo,
-        "sft": commands.run_sft,
-        "kto": commands.run_kto,
-        "spin": run_spin,
-        "rm": commands.run_rm,
-        "score": run_score,
-        "demo": run_demo,
-    }[command]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "data":
-        return _data_check(args)
-    config_class, _ = COMMANDS[args.command]
-    config = load_config(config_class, args.config, args.overrides)
-    _runner(args.command)(config)
+        overrides = [item for item in args.items if _OVERRIDE.match(item)]
+        paths = [item for item in args.items if not _OVERRIDE.match(item)]
+        training = [REGISTRY[name] for name in TRAINING]
+        config = training_config(args.config, overrides, training)
+        return REGISTRY[DATA_CHECK].run(config, paths, args.kind)
+    command = REGISTRY[args.command]
+    command.run(load_config(command.config, args.config, args.overrides))
     return 0
 
 
@@ -157,23 +124,3 @@ def _one_line(error: BaseException) -> str:
         what = error.strerror or str(error) or type(error).__name__
         return f"{what}: {error.filename}" if error.filename else what
     return str(error)
-
-
-def _data_check(args: argparse.Namespace) -> int:
-    from preftune.commands import run_data_check
-
-    overrides = [item for item in args.items if _OVERRIDE.match(item)]
-    paths = [item for item in args.items if not _OVERRIDE.match(item)]
-    return run_data_check(_any_training_config(args.config, overrides), paths, args.kind)
-
-
-def _any_training_config(path: str | None, overrides: list[str]):
-    """The config of the training command whose sections hold every key given: ``data check``
-    takes the same --config file as dpo, sft, kto, spin or rm, and reads its model.* and data.*
-    keys. Keys no command knows are reported against dpo's config."""
-    sections = {key.split(".")[0] for key in given_keys(path, overrides)}
-    for name in TRAINING_COMMANDS:
-        config_class = COMMANDS[name][0]
-        if sections <= {f.name for f in dataclasses.fields(config_class)}:
-            return load_config(config_class, path, overrides)
-    return load_config(DPOConfig, path, overrides)

@@ -1,4 +1,5 @@
-"""Typed configs built from YAML plus dotted ``key=value`` overrides.
+"""Typed configs built from YAML plus dotted ``key=value`` overrides: any dataclass of sections
+(each command's config is declared beside the command, in :mod:`preftune.commands`).
 
 Every leaf key is reachable as an override, so a run needs no config file at all. Unknown keys
 and ill-typed or out-of-range values are :class:`ConfigError`s that name the key and its closest
@@ -14,65 +15,12 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from preftune.data.settings import DataConfig
 from preftune.errors import ConfigError
-from preftune.fields import check_fields, option
-from preftune.models.settings import LoraSettings, ModelConfig
-from preftune.objectives.kto_settings import KTOSettings
-from preftune.objectives.settings import LossConfig
-from preftune.objectives.speed import SpeedConfig
-from preftune.spin.settings import SPINSettings
-from preftune.train.settings import TrainConfig
-
-
-@dataclass
-class SFTConfig:
-    # NumPy takes seeds below 2**32, and runs add small offsets (SPIN: seed + iteration).
-    seed: int = option(
-        42, "seed for model init (tiny), data order and sampling", at_least=0, at_most=2**31 - 1
-    )
-    output_dir: str = option("runs/preftune", "where the model, checkpoints and metrics go")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.lora.r > 0 and self.lora.dropout > 0 and self.model.disable_dropout:
-            raise ConfigError(
-                f"lora.dropout={self.lora.dropout} has no effect with model.disable_dropout=true, "
-                "which trains the whole model, adapters included, without dropout: set "
-                "lora.dropout=0, or model.disable_dropout=false"
-            )
-
-
-@dataclass
-class DPOConfig(SFTConfig):
-    loss: LossConfig = field(default_factory=LossConfig)
-    speed: SpeedConfig = field(default_factory=SpeedConfig)
-
-
-@dataclass
-class SPINConfig(DPOConfig):
-    spin: SPINSettings = field(default_factory=SPINSettings)
-
-
-@dataclass
-class KTOConfig(SFTConfig):
-    kto: KTOSettings = field(default_factory=KTOSettings)
-
-
-@dataclass
-class RMConfig(SFTConfig):
-    """``preftune rm``: the keys of ``sft``; the model gets a one-output score head."""
-
 
 # A section given as a plain value sets this key, e.g. ``model: tiny`` is ``model.path: tiny``.
 SHORTHANDS = {"model": "path"}

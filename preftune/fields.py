@@ -2,7 +2,7 @@
 enforces them whenever a config object is built.
 
 A section's ``__post_init__`` calls :func:`check_fields` first, so a config written by hand in
-Python (``TrainConfig(learning_rate="1e-5")``) is refused as one from a YAML file would be,
+Python (``TrainSettings(learning_rate="1e-5")``) is refused as one from a YAML file would be,
 with one line naming the key, what it must be and what it got.
 """
 

@@ -17,16 +17,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from preftune.commands import run_dpo, run_kto, run_rm, run_sft
-from preftune.config import DPOConfig, KTOConfig, RMConfig, SFTConfig, load_config
-from preftune.data.encode import EncodedPair, encode_pairs
-from preftune.data.formats import load_pairs
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.commands.kto import KTOConfig, run_kto
+from preftune.commands.rm import RMConfig, run_rm
+from preftune.commands.sft import SFTConfig, run_sft
+from preftune.config import load_config
+from preftune.data.encode import Budget, EncodedPair, encode_pairs
+from preftune.data.readers import load_pairs
+from preftune.losses.settings import LossSettings
 from preftune.models.layout_check import alone_logps
 from preftune.models.load import ModelSpec, load_model
 from preftune.models.reference import FrozenCopy
 from preftune.objectives.dpo import PairedObjective
-from preftune.objectives.settings import LossConfig
-from preftune.objectives.speed import PairScoring, SpeedConfig, choose_scoring
+from preftune.objectives.settings import SpeedSettings
+from preftune.objectives.speed import PairScoring, choose_scoring
 from tests.architectures import ARCHITECTURES, INEXPRESSIBLE, TOKENIZER, build, save
 from tests.conftest import SAMPLE_SFT, SAMPLE_TRAIN, read_metrics
 
@@ -54,7 +58,7 @@ def alone(model: torch.nn.Module, pairs: list[EncodedPair]) -> torch.Tensor:
 
 
 def score(model: torch.nn.Module, pairs: list[EncodedPair], scoring: PairScoring):
-    objective = PairedObjective(LossConfig(), None, PAD, scoring)
+    objective = PairedObjective(LossSettings(), None, PAD, scoring)
     return objective.score(model, objective.collate(pairs))
 
 
@@ -62,7 +66,10 @@ def score(model: torch.nn.Module, pairs: list[EncodedPair], scoring: PairScoring
 def test_every_layout_scores_each_sequence_as_alone(name: str) -> None:
     model = build(name).eval()
     # The layouts stand on this model: none is turned off behind the test's back.
-    assert choose_scoring(model, SpeedConfig()) == (PairScoring.from_config(SpeedConfig()), None)
+    assert choose_scoring(model, SpeedSettings()) == (
+        PairScoring.from_config(SpeedSettings()),
+        None,
+    )
     pairs = random_pairs()
     truth = alone(model, pairs)
     for share, packing, chunk in LEVERS:
@@ -105,8 +112,8 @@ def test_windows_cut_some_sequences_and_exceed_others() -> None:
 @pytest.mark.parametrize("name", list(INEXPRESSIBLE))
 def test_layouts_turn_off_where_they_cannot_be_exact(name: str) -> None:
     model = build(name).eval()
-    scoring, line = choose_scoring(model, SpeedConfig())
-    assert not scoring.laid_out and scoring.logits_chunk == SpeedConfig().logits_chunk
+    scoring, line = choose_scoring(model, SpeedSettings())
+    assert not scoring.laid_out and scoring.logits_chunk == SpeedSettings().logits_chunk
     assert line is not None and line.startswith("speed.prefix_sharing and speed.packing: off")
     assert "\n" not in line
     pairs = random_pairs()
@@ -123,7 +130,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def sample_pairs(count: int = 8) -> list[EncodedPair]:
     records = load_pairs(str(SAMPLE_TRAIN))[0][:count]
-    return encode_pairs(records, TOKENIZER, 48, 24)[0]
+    return encode_pairs(records, TOKENIZER, Budget(48, 24))[0]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,7 +138,7 @@ def test_step_one_dpo_loss_is_ln2(name: str, model_dirs: dict[str, Path]) -> Non
     """Policy and reference agree at step 1 in a training forward (gradients on), dropout or not
     in the architecture's config."""
     policy = load_model(ModelSpec(str(model_dirs[name])), TOKENIZER)
-    objective = PairedObjective(LossConfig(), None, PAD, PairScoring(True, True, 0, 16))
+    objective = PairedObjective(LossSettings(), None, PAD, PairScoring(True, True, 0, 16))
     objective.reference = FrozenCopy(policy, torch.device("cpu"), objective.score)
     loss, metrics = objective.compute(policy, objective.collate(sample_pairs()))
     loss.backward()
@@ -143,7 +150,7 @@ def test_step_one_dpo_loss_is_ln2(name: str, model_dirs: dict[str, Path]) -> Non
 def test_dropout_kept_outside_dropout_modules_is_off(model_dirs: dict[str, Path]) -> None:
     """OPT keeps its dropout rate as a float and calls functional dropout: with the model left
     in train mode (model.disable_dropout=false) two forwards differ; by default they agree."""
-    batch = PairedObjective(LossConfig(), None, PAD).collate(sample_pairs(4))
+    batch = PairedObjective(LossSettings(), None, PAD).collate(sample_pairs(4))
     for disable, equal in ((False, False), (True, True)):
         model = load_model(ModelSpec(str(model_dirs["opt"]), disable_dropout=disable), TOKENIZER)
         first, second = (score_plain(model, batch) for _ in range(2))

@@ -13,22 +13,19 @@ from typing import Any
 import pytest
 
 from preftune.cli import build_parser, key_table, main
-from preftune.config import (
-    DPOConfig,
-    KTOConfig,
-    RMConfig,
-    SFTConfig,
-    SPINConfig,
-    describe,
-    load_config,
-)
-from preftune.data.settings import DataConfig
+from preftune.commands.dpo import DPOConfig
+from preftune.commands.kto import KTOConfig
+from preftune.commands.rm import RMConfig
+from preftune.commands.score import ScoreConfig
+from preftune.commands.sft import SFTConfig
+from preftune.commands.spin import SPINConfig
+from preftune.config import describe, load_config
+from preftune.data.settings import DataSettings
 from preftune.demo.settings import DemoConfig
 from preftune.errors import ConfigError
-from preftune.models.reward_settings import ScoreConfig
+from preftune.losses.settings import LossSettings
 from preftune.models.settings import LoraSettings
-from preftune.objectives.settings import LossConfig
-from preftune.train.settings import TrainConfig
+from preftune.train.settings import TrainSettings
 
 
 def test_overrides_need_no_config_file() -> None:
@@ -87,7 +84,7 @@ def test_help_lists_every_key_with_default() -> None:
 
 def test_flex_attention_on_a_cpu_is_refused_before_any_work(tmp_path: Path) -> None:
     """PyTorch has no flex-attention backward on a CPU: one line before data or model load."""
-    from preftune.commands import run_dpo
+    from preftune.commands.dpo import run_dpo
 
     out = tmp_path / "out"
     cfg = load_config(
@@ -235,29 +232,29 @@ def test_a_config_written_in_python_is_checked() -> None:
     with pytest.raises(
         ConfigError, match=r"^config key 'train\.learning_rate' must be float, got '1e-5'$"
     ):
-        DPOConfig(train=TrainConfig(learning_rate="1e-5"))
+        DPOConfig(train=TrainSettings(learning_rate="1e-5"))
     with pytest.raises(
         ConfigError, match=r"^config key 'train\.batch_size' must be int, got True$"
     ):
-        TrainConfig(batch_size=True)
+        TrainSettings(batch_size=True)
     with pytest.raises(ConfigError, match=r"^config key 'train\.epochs' must be int, got 2\.0$"):
-        TrainConfig(epochs=2.0)
+        TrainSettings(epochs=2.0)
     with pytest.raises(ConfigError, match=r"^config key 'train\.epochs' cannot be null$"):
-        TrainConfig(epochs=None)
+        TrainSettings(epochs=None)
     with pytest.raises(ConfigError, match=r"must be list of float, got \[1\.0, 'x'\]"):
-        LossConfig(type=["sigmoid", "sft"], weights=[1, "x"])
+        LossSettings(type=["sigmoid", "sft"], weights=[1, "x"])
     with pytest.raises(ConfigError, match=r"^config key 'data\.truncation' must be one of"):
-        DataConfig(truncation="keep_middle")
-    with pytest.raises(ConfigError, match=r"^config key 'train' must be TrainConfig, got \{"):
+        DataSettings(truncation="keep_middle")
+    with pytest.raises(ConfigError, match=r"^config key 'train' must be TrainSettings, got \{"):
         DPOConfig(train={"learning_rate": 1e-5})
     with pytest.raises(ConfigError, match=r"^train\.max_grad_norm must be 0 or more, got -1\.0$"):
-        DPOConfig(train=TrainConfig(max_grad_norm=-1))
+        DPOConfig(train=TrainSettings(max_grad_norm=-1))
 
 
 def test_python_values_are_settled_as_yaml_would_read_them() -> None:
-    train = TrainConfig(learning_rate=1, max_grad_norm=None)
+    train = TrainSettings(learning_rate=1, max_grad_norm=None)
     assert type(train.learning_rate) is float and train.max_grad_norm is None
-    assert LossConfig(type="ipo").type == ["ipo"]
+    assert LossSettings(type="ipo").type == ["ipo"]
     assert LoraSettings(target_modules=["q_proj"]).target_modules == ["q_proj"]
 
 

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from preftune.cli import main
-from preftune.data.check import Budget, check_dataset, describe_skipped, percentiles
-from preftune.data.comparisons import load_comparisons
-from preftune.data.encode import tokenize
-from preftune.data.formats import load_pairs
+from preftune.data.check import check_dataset, describe_skipped, percentiles
+from preftune.data.encode import Budget
+from preftune.data.readers import load_pairs, load_preferences, load_rated
 from preftune.data.sources import MAX_ROW_BYTES
-from preftune.data.unpaired import load_rated
+from preftune.data.tokenize import tokenize
 from preftune.errors import DataError
 from preftune.models.tiny import build_tokenizer
 from tests.conftest import SAMPLE_EVAL, SAMPLE_SFT, SAMPLE_TRAIN, run_cli, write_jsonl
@@ -228,7 +227,7 @@ def test_data_check_and_training_give_the_same_verdict(
     if suffix == ".jsonl":  # in CSV every number is text: other messages, the same agreement
         assert verdicts(problems) == [(2, field, problems[0].message)]
         assert fragment in problems[0].message
-    readers: list[Callable] = [load_rated] if "label" in good else [load_pairs, load_comparisons]
+    readers: list[Callable] = [load_rated] if "label" in good else [load_pairs, load_preferences]
     for load in readers:
         skipped: list[DataError] = []
         load(spec, "train", skipped)

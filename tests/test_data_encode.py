@@ -12,16 +12,17 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from preftune.data import encode
+from preftune.data import tokenize
 from preftune.data.collate import collate_demos, collate_pairs
 from preftune.data.encode import (
+    Budget,
     EncodedDemo,
     EncodedPair,
     TruncationReport,
     encode_demos,
     encode_pairs,
 )
-from preftune.data.formats import load_pairs
+from preftune.data.readers import load_pairs
 from preftune.data.records import Demo, Pair
 from preftune.errors import ConfigError, DataError, PreftuneError
 from preftune.models.tiny import build_tokenizer
@@ -68,14 +69,14 @@ def assistant(content: str) -> dict[str, str]:
 
 def test_text_pair_prompt_gets_bos_and_responses_end_on_eos(tiny: PreTrainedTokenizerFast) -> None:
     pairs = [Pair("2+2=", " 4", " 5<|end|>")]
-    encoded, report = encode_pairs(pairs, tiny, max_length=64, max_prompt_length=None)
+    encoded, report = encode_pairs(pairs, tiny, Budget(64, None))
     assert encoded == [EncodedPair([BOS, *ids("2+2=")], [*ids(" 4"), EOS], [*ids(" 5"), EOS])]
     assert report == TruncationReport(1, 0, 0, 0, 1)
 
 
 def test_conversation_rendered_with_chat_template(tiny: PreTrainedTokenizerFast) -> None:
     pairs = [Pair([user("hi")], [assistant("yo")], [assistant("no")])]
-    [encoded], _ = encode_pairs(pairs, tiny, max_length=64, max_prompt_length=None)
+    [encoded], _ = encode_pairs(pairs, tiny, Budget(64, None))
     # The template's end-of-turn is the EOS, so no second EOS is appended.
     assert encoded.prompt_ids == [BOS, USER, NEWLINE, *ids("hi"), EOS, NEWLINE, ASSISTANT, NEWLINE]
     assert encoded.chosen_ids == [*ids("yo"), EOS, NEWLINE]
@@ -84,7 +85,7 @@ def test_conversation_rendered_with_chat_template(tiny: PreTrainedTokenizerFast)
 
 def test_demos_text_and_conversation(tiny: PreTrainedTokenizerFast) -> None:
     demos = [Demo("hi", " yo"), Demo([user("hi")], [assistant("yo")])]
-    encoded, report = encode_demos(demos, tiny, 64, None, "keep_end")
+    encoded, report = encode_demos(demos, tiny, Budget(64, None, "keep_end"))
     assert encoded == [
         EncodedDemo([BOS, *ids("hi")], [*ids(" yo"), EOS]),
         EncodedDemo(
@@ -102,7 +103,7 @@ def test_template_that_renders_the_prompt_differently_is_an_error() -> None:
         "{% if add_generation_prompt %}reply:{% endif %}"
     )
     with pytest.raises(DataError) as caught:
-        encode_demos([Demo([user("hi")], [assistant("yo")])], tokenizer, 64, None)
+        encode_demos([Demo([user("hi")], [assistant("yo")])], tokenizer, Budget(64, None))
     assert str(caught.value).startswith(
         "chat template: example 1: rendering prompt+response does not start with the rendered "
         "prompt"
@@ -113,7 +114,7 @@ def test_conversation_without_chat_template_is_one_line_error(
     bpe: PreTrainedTokenizerFast,
 ) -> None:
     with pytest.raises(PreftuneError) as caught:
-        encode_demos([Demo([user("hi")], [assistant("yo")])], bpe, 64, None)
+        encode_demos([Demo([user("hi")], [assistant("yo")])], bpe, Budget(64, None))
     assert str(caught.value) == (
         "the data is conversational but the tokenizer has no chat template; "
         "set one on the tokenizer or convert the data to plain prompt/response text"
@@ -122,7 +123,7 @@ def test_conversation_without_chat_template_is_one_line_error(
 
 def test_unknown_truncation_is_a_config_error(tiny: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ConfigError) as caught:
-        encode_pairs([Pair("a", "b", "c")], tiny, 64, None, truncation="middle")
+        encode_pairs([Pair("a", "b", "c")], tiny, Budget(64, None, "middle"))
     assert str(caught.value) == (
         "data.truncation: expected 'keep_end' or 'keep_start', got 'middle'"
     )
@@ -136,7 +137,7 @@ TRUNCATED = [
 
 
 def test_keep_end_truncation(tiny: PreTrainedTokenizerFast) -> None:
-    encoded, report = encode_pairs(TRUNCATED, tiny, 8, 4, "keep_end")
+    encoded, report = encode_pairs(TRUNCATED, tiny, Budget(8, 4, "keep_end"))
     assert encoded == [
         EncodedPair(ids("efgh"), [*ids("xy"), EOS], ids("uvwx")),
         EncodedPair([BOS, *ids("a")], [*ids("b"), EOS], [*ids("c"), EOS]),
@@ -148,7 +149,7 @@ def test_keep_end_truncation(tiny: PreTrainedTokenizerFast) -> None:
 
 
 def test_keep_start_truncation(tiny: PreTrainedTokenizerFast) -> None:
-    encoded, report = encode_pairs(TRUNCATED, tiny, 8, 4, "keep_start")
+    encoded, report = encode_pairs(TRUNCATED, tiny, Budget(8, 4, "keep_start"))
     assert encoded == [
         EncodedPair([BOS, *ids("abc")], [*ids("xy"), EOS], ids("uvwx")),
         EncodedPair([BOS, *ids("a")], [*ids("b"), EOS], [*ids("c"), EOS]),
@@ -158,7 +159,7 @@ def test_keep_start_truncation(tiny: PreTrainedTokenizerFast) -> None:
 
 
 def test_prompt_that_fills_max_length_drops_the_row(tiny: PreTrainedTokenizerFast) -> None:
-    encoded, report = encode_pairs(TRUNCATED, tiny, 8, None)
+    encoded, report = encode_pairs(TRUNCATED, tiny, Budget(8, None))
     # Row 1's 9-token prompt leaves no room; row 3's 7-token prompt leaves one token each.
     assert encoded == [
         EncodedPair([BOS, *ids("a")], [*ids("b"), EOS], [*ids("c"), EOS]),
@@ -182,7 +183,7 @@ def test_prompt_ids_are_a_prefix_with_no_merge_across_the_boundary(
         for cut in range(1, len(text)):
             prompt, response = text[:cut], text[cut:]
             pairs = [Pair(prompt, response, response + "!")]
-            [encoded], _ = encode_pairs(pairs, tokenizer, 64, None)
+            [encoded], _ = encode_pairs(pairs, tokenizer, Budget(64, None))
             assert encoded.prompt_ids == tokenizer(prompt)["input_ids"]
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
             assert encoded.chosen_ids == [*response_ids, eos]
@@ -222,7 +223,7 @@ def test_file_to_batch_round_trip(tmp_path: Path, tiny: PreTrainedTokenizerFast)
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"chosen": "Q: 2+2? A: 4", "rejected": "Q: 2+2? A: five"}) + "\n")
     pairs, _ = load_pairs(str(path))
-    encoded, _ = encode_pairs(pairs, tiny, 64, None)
+    encoded, _ = encode_pairs(pairs, tiny, Budget(64, None))
     batch = collate_pairs(encoded, tiny.pad_token_id)
     texts = [
         tiny.decode(row[mask.bool()])
@@ -238,30 +239,30 @@ def test_batches_encode_exactly_as_one_batch(
 ) -> None:
     pairs, _ = load_pairs(str(SAMPLE_TRAIN))
     pairs = [*pairs[:40], Pair([user("hi")], [assistant("yo")], [assistant("no")], row=41)]
-    whole = encode_pairs(pairs, tiny, 40, 16)
+    whole = encode_pairs(pairs, tiny, Budget(40, 16))
     calls: list[int] = []
-    ids_of = encode._ids
+    ids_of = tokenize._ids
 
     def counted(*args: object) -> list[list[int]]:
         calls.append(1)
         return ids_of(*args)
 
-    monkeypatch.setattr(encode, "_ids", counted)
-    monkeypatch.setattr(encode, "BATCH_CHARACTERS", 100)
-    assert encode_pairs(pairs, tiny, 40, 16) == whole
+    monkeypatch.setattr(tokenize, "_ids", counted)
+    monkeypatch.setattr(tokenize, "BATCH_CHARACTERS", 100)
+    assert encode_pairs(pairs, tiny, Budget(40, 16)) == whole
     assert len(calls) > 20  # about two rows a batch, each batch's prompts and responses
     # An error names the example by its place among all records, whatever batch it is in.
     mixed = Pair("a text prompt", [assistant("yo")], [assistant("no")])
     with pytest.raises(DataError, match=r"^chat template: example 42: prompt and responses must"):
-        encode_pairs([*pairs, mixed], tiny, 40, 16)
+        encode_pairs([*pairs, mixed], tiny, Budget(40, 16))
 
 
 # The peak is the kernel's high-water mark of this process's memory (VmHWM), not getrusage's
 # ru_maxrss, which may carry the peak of the process that started it.
 MEASURE = """
 import sys
-from preftune.data.encode import encode_pairs
-from preftune.data.formats import load_pairs
+from preftune.data.encode import Budget, encode_pairs
+from preftune.data.readers import load_pairs
 from preftune.models.tiny import build_tokenizer
 
 def kib(field):
@@ -271,7 +272,7 @@ def kib(field):
 tokenizer = build_tokenizer()
 resident = kib("VmRSS:")
 pairs, _ = load_pairs(sys.argv[1])
-encode_pairs(pairs, tokenizer, 512, 256)
+encode_pairs(pairs, tokenizer, Budget(512, 256))
 print(kib("VmHWM:") - resident)
 """
 

@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preftune.data.comparisons import load_comparisons
-from preftune.data.formats import load_demos, load_pairs
+from preftune.data.readers import load_demos, load_pairs, load_preferences
 from preftune.data.records import Demo, Pair
 from preftune.errors import DataError
 
@@ -64,7 +63,7 @@ def test_pairs_carry_their_margin_and_a_paired_loss_says_it_ignores_it(tmp_path:
     pairs, layout = load_pairs(spec)
     assert [pair.margin for pair in pairs] == [2.0, 0.0]
     assert layout == "standard, column 'margin' ignored (only preftune rm reads it)"
-    assert load_comparisons(spec)[1] == "standard"
+    assert load_preferences(spec)[1] == "standard"
     zeros = jsonl(tmp_path / "z.jsonl", [{**STANDARD, "margin": 0}])
     assert load_pairs(zeros)[1] == "standard"
 

@@ -33,7 +33,7 @@ SHRUNKEN = [
 
 
 def test_shrunken_demo_writes_results_and_plots(tmp_path: Path) -> None:
-    from preftune.demo.pipeline import run_demo
+    from preftune.commands.demo import run_demo
 
     cfg = load_config(DemoConfig, None, [f"output_dir={tmp_path / 'demo'}", *SHRUNKEN])
     run_demo(cfg)
@@ -61,7 +61,7 @@ def test_shrunken_demo_writes_results_and_plots(tmp_path: Path) -> None:
 def test_reward_model_judges_the_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With ``judge`` a reward model directory, its scores of prompt and completion are the
     rewards: the pairs' chosen sides are those it scores higher, and the report names it."""
-    from preftune.demo.pipeline import run_demo
+    from preftune.commands.demo import run_demo
     from preftune.models.reward import RewardScorer
     from preftune.models.tiny import build_reward_model, build_tokenizer
 

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from preftune import cli
-from preftune.commands import run_dpo
-from preftune.config import DPOConfig, load_config
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.config import load_config
 from preftune.errors import ConfigError, TrainingError
 from preftune.train import checkpoint
 from preftune.train.run_dir import LOCK, MARKER, Lock

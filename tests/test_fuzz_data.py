@@ -20,10 +20,14 @@ import pyarrow.parquet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from preftune.data.comparisons import encode_comparisons, load_comparisons
-from preftune.data.encode import encode_demos, encode_pairs
-from preftune.data.formats import load_demos, load_pairs, load_records
-from preftune.data.unpaired import encode_rated, load_rated
+from preftune.data.encode import (
+    Budget,
+    encode_comparisons,
+    encode_demos,
+    encode_pairs,
+    encode_rated,
+)
+from preftune.data.readers import load_demos, load_pairs, load_preferences, load_rated, load_records
 from preftune.errors import DataError, PreftuneError
 from preftune.models.tiny import build_tokenizer
 
@@ -153,13 +157,13 @@ def read_everything(path: Path) -> None:
         (load_pairs, encode_pairs),
         (load_demos, encode_demos),
         (load_rated, encode_rated),
-        (load_comparisons, encode_comparisons),
+        (load_preferences, encode_comparisons),
     )
     for load, encode in readers:
         for skipped in (None, []):
             try:
                 records, _ = load(str(path), "train", skipped)
-                encode(records, TOKENIZER, 32, 16, source=str(path), skipped=skipped)
+                encode(records, TOKENIZER, Budget(32, 16), source=str(path), skipped=skipped)
             except PreftuneError:
                 pass
             assert all(isinstance(e, DataError) and e.row for e in skipped or []), skipped

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.commands import run_dpo
-from preftune.config import DPOConfig, load_config
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.config import load_config
 from preftune.errors import ConfigError, TrainingError
 from preftune.objectives.dpo import PairedObjective
 from preftune.train.sampler import StepSampler

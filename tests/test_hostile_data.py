@@ -13,11 +13,11 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from preftune.commands import run_dpo
-from preftune.config import DPOConfig, load_config
-from preftune.data.check import Budget, check_dataset
-from preftune.data.encode import encode_pairs
-from preftune.data.formats import load_demos, load_pairs
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.config import load_config
+from preftune.data.check import check_dataset
+from preftune.data.encode import Budget, encode_pairs
+from preftune.data.readers import load_demos, load_pairs
 from preftune.data.records import Pair
 from preftune.data.sources import MAX_ROW_BYTES
 from preftune.errors import ConfigError, DataError
@@ -229,7 +229,7 @@ def test_enormous_row_is_truncated_and_counted(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_bytes(line(GOOD) + line({**GOOD, "prompt": half + "?", "chosen": "!" + half}))
     pairs, _ = load_pairs(str(path))
-    encoded, report = encode_pairs(pairs, build_tokenizer(), 64, 32)
+    encoded, report = encode_pairs(pairs, build_tokenizer(), Budget(64, 32))
     assert (report.rows, report.prompts_truncated, report.responses_truncated) == (2, 1, 1)
     tokenizer = build_tokenizer()
     assert tokenizer.decode(encoded[1].prompt_ids) == "x" * 31 + "?"
@@ -248,7 +248,7 @@ def test_nul_bytes_and_odd_text_are_text(tmp_path: Path) -> None:
     path = tmp_path / "p.jsonl"
     path.write_bytes(b"".join(line(row) for row in rows))
     pairs, _ = load_pairs(str(path))
-    encoded, _ = encode_pairs(pairs, build_tokenizer(), 64, 32)
+    encoded, _ = encode_pairs(pairs, build_tokenizer(), Budget(64, 32))
     assert pairs == [Pair(**rows[0])] and len(encoded) == 1
 
 
@@ -261,18 +261,18 @@ def test_chat_template_failure_names_the_row() -> None:
     system = {"role": "system", "content": "be kind"}
     pairs = [Pair([USER], [REPLY], [REPLY], row=1), Pair([system, USER], [REPLY], [REPLY], row=7)]
     with pytest.raises(DataError) as caught:
-        encode_pairs(pairs, tokenizer, 64, 32, source="chat.jsonl")
+        encode_pairs(pairs, tokenizer, Budget(64, 32), source="chat.jsonl")
     assert str(caught.value) == (
         "chat.jsonl: row 7: chat template: the chat template failed: no system role"
     )
     skipped: list[DataError] = []
-    encoded, report = encode_pairs(pairs, tokenizer, 64, 32, source="c", skipped=skipped)
+    encoded, report = encode_pairs(pairs, tokenizer, Budget(64, 32), source="c", skipped=skipped)
     assert (len(encoded), report.rows, [e.row for e in skipped]) == (1, 1, [7])
 
 
 def test_prompt_longer_than_max_length_is_dropped_and_counted(tmp_path: Path) -> None:
     pairs = [Pair("p" * 100, "a", "b"), Pair("q", "a", "b")]
-    encoded, report = encode_pairs(pairs, build_tokenizer(), 16, None)
+    encoded, report = encode_pairs(pairs, build_tokenizer(), Budget(16, None))
     assert (len(encoded), report.dropped) == (1, 1)
     assert "1 dropped (prompt leaves no room for a response)" in report.summary()
 

@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.commands import run_kto
-from preftune.config import KTOConfig, load_config
+from preftune.commands.kto import KTOConfig, run_kto
+from preftune.config import load_config
 from preftune.data.collate import collate_rated
-from preftune.data.formats import load_pairs
+from preftune.data.encode import Budget, EncodedRated, encode_rated, label_counts
+from preftune.data.readers import load_pairs, load_rated
 from preftune.data.records import Rated
-from preftune.data.unpaired import EncodedRated, encode_rated, label_counts, load_rated
 from preftune.errors import ConfigError, DataError
 from preftune.losses.kto import kto_loss
 from preftune.models.reference import FrozenCopy
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.kto import KTOObjective, balance_warning, mismatched_kl
-from preftune.objectives.kto_settings import KTOSettings
+from preftune.objectives.settings import KTOSettings
 from preftune.train.sampler import StepSampler
 from tests.conftest import (
     LAUNCHER,
@@ -118,7 +118,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def encoded(tokenizer) -> list[EncodedRated]:
     records, _ = load_rated(str(SAMPLE_KTO))
-    examples, _ = encode_rated(records, tokenizer, 48, 24)
+    examples, _ = encode_rated(records, tokenizer, Budget(48, 24))
     return examples
 
 
@@ -218,7 +218,7 @@ def test_pairs_split_into_desirable_chosen_and_undesirable_rejected(tokenizer) -
         Rated(first.prompt, first.rejected, False),
     ]
     assert records[0].row == records[1].row == 1 and records[3].row == 2
-    examples, report = encode_rated(records, tokenizer, 48, 24)
+    examples, report = encode_rated(records, tokenizer, Budget(48, 24))
     assert report.rows == report.kept == len(records)
     assert label_counts(examples) == (len(pairs), len(pairs))
     assert [e.row for e in examples[:4]] == [1, 1, 2, 2]
@@ -251,7 +251,7 @@ def test_truncation_drops_and_counts_across_both_labels(tokenizer, tmp_path: Pat
         {"prompt": "ok", "completion": "no" * 30, "label": False},
     ]
     records, _ = load_rated(str(write_jsonl(tmp_path / "r.jsonl", rows)))
-    examples, report = encode_rated(records, tokenizer, 20, None)
+    examples, report = encode_rated(records, tokenizer, Budget(20, None))
     assert [e.row for e in examples] == [1, 3]
     assert (report.rows, report.dropped, report.responses_truncated) == (3, 1, 1)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from preftune.commands import run_rm, run_sft
-from preftune.config import RMConfig, SFTConfig, load_config
+from preftune.commands.rm import RMConfig, run_rm
+from preftune.commands.sft import SFTConfig, run_sft
+from preftune.config import load_config
 from preftune.models.tiny import build_model, build_reward_model, build_tokenizer
 from tests.conftest import SAMPLE_SFT, SAMPLE_TRAIN
 

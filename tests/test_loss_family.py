@@ -8,23 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune import commands
 from preftune.cli import build_parser
-from preftune.commands import run_dpo
-from preftune.config import DPOConfig, load_config
-from preftune.data.encode import encode_pairs
-from preftune.data.formats import load_pairs
+from preftune.commands import dpo as commands
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.config import load_config
+from preftune.data.encode import Budget, encode_pairs
+from preftune.data.readers import load_pairs
 from preftune.errors import ConfigError
 from preftune.losses import LOSS_NAMES, PAIRED_LOSSES, LossParams, combined_loss
+from preftune.losses.settings import LossSettings
 from preftune.models.reference import FrozenCopy
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.dpo import PairedObjective
-from preftune.objectives.settings import LossConfig
 from tests.conftest import SAMPLE_TRAIN, read_metrics
 from tests.test_losses import REFERENCE_FREE, random_logps
 
 
-def loss_config(*overrides: str) -> LossConfig:
+def loss_config(*overrides: str) -> LossSettings:
     return load_config(DPOConfig, None, list(overrides)).loss
 
 
@@ -32,7 +32,7 @@ def test_a_list_of_losses_and_weights_parses() -> None:
     cfg = loss_config("loss.type=[sigmoid, sft]", "loss.weights=[1.0, 0.5]")
     assert (cfg.type, cfg.weights) == (["sigmoid", "sft"], [1.0, 0.5])
     assert loss_config("loss.type=simpo").type == ["simpo"]
-    assert LossConfig(type="ipo").type == ["ipo"]
+    assert LossSettings(type="ipo").type == ["ipo"]
 
 
 @pytest.mark.parametrize(
@@ -92,11 +92,11 @@ def test_sft_weight_is_the_sft_component() -> None:
     """``loss.sft_weight=α`` (RPO) and ``loss.type=[sigmoid, sft]`` with weights [1, α] agree."""
     tokenizer = build_tokenizer()
     policy = build_model(tokenizer, seed=3).train()
-    pairs, _ = encode_pairs(load_pairs(str(SAMPLE_TRAIN))[0][:6], tokenizer, 48, 24)
+    pairs, _ = encode_pairs(load_pairs(str(SAMPLE_TRAIN))[0][:6], tokenizer, Budget(48, 24))
     reference = FrozenCopy(policy, torch.device("cpu"))
-    rpo = PairedObjective(LossConfig(sft_weight=0.5), reference, tokenizer.pad_token_id)
+    rpo = PairedObjective(LossSettings(sft_weight=0.5), reference, tokenizer.pad_token_id)
     combined = PairedObjective(
-        LossConfig(type=["sigmoid", "sft"], weights=[1.0, 0.5]), reference, tokenizer.pad_token_id
+        LossSettings(type=["sigmoid", "sft"], weights=[1.0, 0.5]), reference, tokenizer.pad_token_id
     )
     batch = rpo.collate(pairs)
     torch.testing.assert_close(rpo.compute(policy, batch)[0], combined.compute(policy, batch)[0])

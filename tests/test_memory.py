@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.commands import run_dpo
-from preftune.config import DPOConfig, load_config
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.config import load_config
 from preftune.train import metrics_log
 from tests.conftest import SAMPLE_EVAL, SAMPLE_TRAIN
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from preftune.data.check import Budget, check_dataset
-from preftune.data.encode import ExpansionReport, encode_pairs
-from preftune.data.formats import load_pairs
+from preftune.data.check import check_dataset
+from preftune.data.encode import Budget, ExpansionReport, encode_pairs
+from preftune.data.readers import load_pairs
 from preftune.data.records import Ranked
 from preftune.errors import DataError
 from preftune.models.tiny import build_tokenizer
@@ -75,8 +75,8 @@ def test_expansion_equals_the_pairs_written_out(tmp_path: Path) -> None:
     tokenizer = build_tokenizer()
     ranked, layout = load_pairs(str(SAMPLE_RANKED))
     assert layout == "ranked"
-    expanded, report = encode_pairs(ranked, tokenizer, 40, 16)
-    written, _ = encode_pairs(load_pairs(str(pair_file))[0], tokenizer, 40, 16)
+    expanded, report = encode_pairs(ranked, tokenizer, Budget(40, 16))
+    written, _ = encode_pairs(load_pairs(str(pair_file))[0], tokenizer, Budget(40, 16))
     assert len(expanded) == len(written) == 168
     assert ids(expanded) == ids(written)
     assert isinstance(report, ExpansionReport)
@@ -89,7 +89,7 @@ def test_ranking_orders_pairs_best_first_and_keeps_the_row(tmp_path: Path) -> No
     (record,), _ = load_pairs(spec)
     assert record == Ranked("2+2=", (" 4", " 5", " four"), ((0,), (2,), (1,)))
     tokenizer = build_tokenizer()
-    pairs, _ = encode_pairs([record], tokenizer, 64, 32)
+    pairs, _ = encode_pairs([record], tokenizer, Budget(64, 32))
     text = [(tokenizer.decode(p.chosen_ids), tokenizer.decode(p.rejected_ids)) for p in pairs]
     assert text == [
         (" 4<|end|>", " four<|end|>"),
@@ -106,7 +106,7 @@ def test_prompt_and_each_response_are_tokenized_once(tmp_path: Path) -> None:
     ]
     spec = str(write_jsonl(tmp_path / "r.jsonl", rows))
     tokenizer = CountingTokenizer(build_tokenizer())
-    pairs, _ = encode_pairs(load_pairs(spec)[0], tokenizer, 64, 32)
+    pairs, _ = encode_pairs(load_pairs(spec)[0], tokenizer, Budget(64, 32))
     assert len(pairs) == 3 + 6
     assert Counter(tokenizer.texts) == Counter(
         ["2+2=", "3+3=", *ROW["responses"], *rows[1]["responses"]]
@@ -117,14 +117,14 @@ def test_prompt_and_each_response_are_tokenized_once(tmp_path: Path) -> None:
     # Written out as pairs, the prompt would be tokenized once per pair.
     written = str(write_jsonl(tmp_path / "p.jsonl", written_out_pairs(rows)))
     counting = CountingTokenizer(build_tokenizer())
-    encode_pairs(load_pairs(written)[0], counting, 64, 32)
+    encode_pairs(load_pairs(written)[0], counting, Budget(64, 32))
     assert Counter(counting.texts)["3+3="] == 6
 
 
 def test_truncation_cuts_the_prompt_once_for_all_its_pairs(tmp_path: Path) -> None:
     row = {**ROW, "prompt": "a long prompt " * 4}
     spec = str(write_jsonl(tmp_path / "r.jsonl", [row]))
-    pairs, report = encode_pairs(load_pairs(spec)[0], build_tokenizer(), 64, 8)
+    pairs, report = encode_pairs(load_pairs(spec)[0], build_tokenizer(), Budget(64, 8))
     assert report.prompts_truncated == 1 and len(pairs[0].prompt_ids) == 8
     assert all(p.prompt_ids is pairs[0].prompt_ids for p in pairs)
 
@@ -133,7 +133,7 @@ def test_scores_tie_gives_no_pair(tmp_path: Path) -> None:
     row = {"prompt": "q", "responses": ["a", "b", "c"], "scores": [1, 3, 1]}
     (record,), _ = load_pairs(str(write_jsonl(tmp_path / "r.jsonl", [row])))
     assert record.ranking == ((1,), (0, 2))
-    pairs, report = encode_pairs([record], build_tokenizer(), 64, 32)
+    pairs, report = encode_pairs([record], build_tokenizer(), Budget(64, 32))
     assert len(pairs) == 2 and report.tied == 1
 
 
@@ -142,7 +142,7 @@ def test_conversational_ranked_rows(tmp_path: Path) -> None:
     answers = [[{"role": "assistant", "content": text}] for text in ("4", "5")]
     row = {"prompt": user, "responses": answers, "ranking": [0, 1]}
     (record,), _ = load_pairs(str(write_jsonl(tmp_path / "r.jsonl", [row])))
-    pairs, _ = encode_pairs([record], build_tokenizer(), 64, 32)
+    pairs, _ = encode_pairs([record], build_tokenizer(), Budget(64, 32))
     assert build_tokenizer().decode(pairs[0].chosen_ids) == "4<|end|>\n"
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.commands import model_spec, run_dpo
-from preftune.config import DPOConfig, load_config
+from preftune.commands.common import model_spec
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.config import load_config
 from preftune.errors import TrainingError
 from preftune.models import load
 from preftune.train.checkpoint import latest_checkpoint, rng_states, set_rng_states

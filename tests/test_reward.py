@@ -11,11 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from preftune.data.comparisons import collate_comparisons, encode_comparisons, load_comparisons
+from preftune.data.collate import collate_comparisons
+from preftune.data.encode import Budget, encode_comparisons
+from preftune.data.readers import load_preferences
 from preftune.errors import DataError
+from preftune.losses.reward import bradley_terry_loss, plackett_luce_loss
 from preftune.models.reward import RewardScorer, last_token_values, sequence_rewards
 from preftune.models.tiny import build_model, build_reward_model, build_tokenizer
-from preftune.objectives.reward import RewardObjective, bradley_terry_loss, plackett_luce_loss
+from preftune.objectives.reward import RewardObjective
 from tests.conftest import SAMPLE_EVAL, SAMPLE_SFT, SAMPLE_TRAIN, read_metrics, run_cli, write_jsonl
 from tests.test_cli import assert_one_line_error
 from tests.test_ranked import SAMPLE_RANKED
@@ -143,9 +146,9 @@ def test_objective_loss_is_bradley_terry_of_the_rewards_with_margins(tmp_path: P
     ]
     spec = str(write_jsonl(tmp_path / "m.jsonl", rows))
     tokenizer = build_tokenizer()
-    comparisons, _ = load_comparisons(spec)
+    comparisons, _ = load_preferences(spec)
     assert [c.margin for c in comparisons] == [1.5, 0.0]
-    examples, _ = encode_comparisons(comparisons, tokenizer, 64, 32)
+    examples, _ = encode_comparisons(comparisons, tokenizer, Budget(64, 32))
     model = build_reward_model(tokenizer, seed=0)
     objective = RewardObjective(tokenizer.pad_token_id)
     batch = objective.collate(examples)
@@ -162,8 +165,8 @@ def test_objective_loss_is_bradley_terry_of_the_rewards_with_margins(tmp_path: P
 
 def test_objective_uses_plackett_luce_for_rankings() -> None:
     tokenizer = build_tokenizer()
-    comparisons, _ = load_comparisons(str(SAMPLE_RANKED))
-    examples, _ = encode_comparisons(comparisons[:4], tokenizer, 64, 32)
+    comparisons, _ = load_preferences(str(SAMPLE_RANKED))
+    examples, _ = encode_comparisons(comparisons[:4], tokenizer, Budget(64, 32))
     model = build_reward_model(tokenizer, seed=0)
     objective = RewardObjective(tokenizer.pad_token_id)
     batch = objective.collate(examples)
@@ -182,9 +185,9 @@ def test_objective_uses_plackett_luce_for_rankings() -> None:
 
 def test_collate_puts_each_examples_responses_in_ranking_order(tmp_path: Path) -> None:
     row = {"prompt": "q", "responses": ["a", "b", "c"], "scores": [0, 2, 0]}
-    comparisons, _ = load_comparisons(str(write_jsonl(tmp_path / "r.jsonl", [row])))
+    comparisons, _ = load_preferences(str(write_jsonl(tmp_path / "r.jsonl", [row])))
     tokenizer = build_tokenizer()
-    examples, _ = encode_comparisons(comparisons * 2, tokenizer, 64, 32)
+    examples, _ = encode_comparisons(comparisons * 2, tokenizer, Budget(64, 32))
     examples[1].ranking = ((0,), (1,))
     examples[1].response_ids = examples[1].response_ids[:2]
     batch = collate_comparisons(examples, tokenizer.pad_token_id)
@@ -209,7 +212,7 @@ def test_bad_margin_is_one_line(tmp_path: Path, row: dict, expected: str) -> Non
     spec = tmp_path / "m.jsonl"
     spec.write_text(json.dumps(row) + "\n")
     with pytest.raises(DataError) as caught:
-        load_comparisons(str(spec))
+        load_preferences(str(spec))
     assert str(caught.value).startswith(f"{spec}: row 1: field 'margin': ")
     assert expected in str(caught.value)
 

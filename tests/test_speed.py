@@ -11,13 +11,14 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from preftune.commands import run_dpo
-from preftune.config import DPOConfig, load_config
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.config import load_config
 from preftune.data.collate import collate_pairs
-from preftune.data.encode import EncodedPair, encode_pairs
-from preftune.data.formats import load_pairs
+from preftune.data.encode import Budget, EncodedPair, encode_pairs
 from preftune.data.layout import CHOSEN, PROMPT, REJECTED, attention_allowed, layout_pairs, pack
+from preftune.data.readers import load_pairs
 from preftune.errors import ConfigError
+from preftune.losses.settings import LossSettings
 from preftune.models.attention import layout_attention
 from preftune.models.load import checkpoint_layers
 from preftune.models.logps import layout_logps, sequence_logps
@@ -25,8 +26,8 @@ from preftune.models.refcache import ReferencePass
 from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.dpo import PairedObjective
-from preftune.objectives.settings import LossConfig
-from preftune.objectives.speed import PairScoring, SpeedConfig, choose_scoring
+from preftune.objectives.settings import SpeedSettings
+from preftune.objectives.speed import PairScoring, choose_scoring
 from tests.conftest import SAMPLE_TRAIN as SAMPLE
 from tests.conftest import read_metrics
 
@@ -102,10 +103,10 @@ def test_gradient_checkpointing_is_exact_and_recomputes_in_eval_mode() -> None:
 def test_levers_off_is_the_plain_path() -> None:
     """Every lever off: two right-padded rows per pair under a 2-D mask, full logits."""
     model = build_model(TOKENIZER, seed=6)
-    off = SpeedConfig(prefix_sharing=False, packing=False, logits_chunk=0)
+    off = SpeedSettings(prefix_sharing=False, packing=False, logits_chunk=0)
     scoring, line = choose_scoring(model, off)
     assert (scoring, line) == (PairScoring(), None)
-    objective = PairedObjective(LossConfig(), None, PAD, scoring)
+    objective = PairedObjective(LossSettings(), None, PAD, scoring)
     pairs = random_pairs(3, seed=7)
     batch = objective.collate(pairs)
     assert sorted(batch) == ["attention_mask", "input_ids", "labels"]
@@ -129,8 +130,8 @@ def test_flash_kernels_take_packing_but_refuse_prefix_sharing() -> None:
     model = build_model(TOKENIZER, seed=10)
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ConfigError, match=r"speed\.prefix_sharing=false"):
-        choose_scoring(model, SpeedConfig())
-    scoring, line = choose_scoring(model, SpeedConfig(prefix_sharing=False))
+        choose_scoring(model, SpeedSettings())
+    scoring, line = choose_scoring(model, SpeedSettings(prefix_sharing=False))
     assert line is None and scoring.packing and not scoring.prefix_sharing
     batch = layout_pairs(random_pairs(5, seed=11), PAD, False, True, scoring.pack_length)
     assert batch["input_ids"].shape[0] == 1
@@ -224,8 +225,8 @@ def test_cached_reference_equals_a_frozen_copy() -> None:
     """The precomputed values are those a frozen copy of the policy gives in training."""
 
     model = build_model(TOKENIZER, seed=3)
-    pairs, _ = encode_pairs(load_pairs(str(SAMPLE))[0][:12], TOKENIZER, 48, 24)
-    objective = PairedObjective(LossConfig(), None, PAD, PairScoring.from_config(SpeedConfig()))
+    pairs, _ = encode_pairs(load_pairs(str(SAMPLE))[0][:12], TOKENIZER, Budget(48, 24))
+    objective = PairedObjective(LossSettings(), None, PAD, PairScoring.from_config(SpeedSettings()))
     acc = Accelerator(cpu=True)
     reference = ReferencePass(model, objective.score, objective.collate, 5, acc)
     values = reference.compute(pairs, "train")

@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from preftune.commands import setup_paired
-from preftune.config import SPINConfig, load_config
+from preftune.commands import spin as pipeline
+from preftune.commands.dpo import setup_paired
+from preftune.commands.spin import SPINConfig, run_spin
+from preftune.config import load_config
 from preftune.data.encode import EncodedDemo, EncodedPair
 from preftune.errors import ConfigError
 from preftune.models.generate import Sampling, generate_ids
 from preftune.models.tiny import build_model, build_tokenizer
-from preftune.spin import pipeline
-from preftune.spin.pipeline import run_spin, spin_pairs
+from preftune.objectives.spin import spin_pairs
 from tests.conftest import SAMPLE_SFT, read_metrics, run_cli, write_jsonl
 
 EOS = 999

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from preftune.commands import run_dpo
-from preftune.config import DPOConfig, load_config
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.config import load_config
 from preftune.errors import ConfigError
 from tests.conftest import read_metrics
 

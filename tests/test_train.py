@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from preftune.commands import run_dpo, run_sft
-from preftune.config import DPOConfig, SFTConfig, load_config
-from preftune.data.encode import encode_pairs
-from preftune.data.formats import load_pairs
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.commands.sft import SFTConfig, run_sft
+from preftune.config import load_config
+from preftune.data.encode import Budget, encode_pairs
+from preftune.data.readers import load_pairs
+from preftune.losses.settings import LossSettings
 from preftune.models.reference import FrozenCopy
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.dpo import PairedObjective
-from preftune.objectives.settings import LossConfig
 from tests.conftest import SAMPLE_EVAL, SAMPLE_SFT, SAMPLE_TRAIN, read_metrics
 
 
@@ -30,8 +31,8 @@ def dpo(overrides: list[str]) -> dict[str, float]:
 def test_step_one_loss_is_exactly_ln2() -> None:
     tokenizer = build_tokenizer()
     policy = build_model(tokenizer, seed=3).train()
-    objective = PairedObjective(LossConfig(), FrozenCopy(policy, torch.device("cpu")), 258)
-    pairs, _ = encode_pairs(load_pairs(str(SAMPLE_TRAIN))[0][:8], tokenizer, 64, 32)
+    objective = PairedObjective(LossSettings(), FrozenCopy(policy, torch.device("cpu")), 258)
+    pairs, _ = encode_pairs(load_pairs(str(SAMPLE_TRAIN))[0][:8], tokenizer, Budget(64, 32))
     batch = objective.collate(pairs)
     loss_sum, metrics = objective.compute(policy, batch)
     assert loss_sum.requires_grad

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from preftune.data.encode import Tokenized, check_budget, fit, tokenize
-from preftune.data.formats import load_records
+from preftune.data.encode import Budget, fit
+from preftune.data.readers import load_records
 from preftune.data.records import Demo, Pair, Ranked, Rated, preferences, tied_pairs
+from preftune.data.tokenize import Tokenized, tokenize
 from preftune.errors import DataError
 
 PERCENTILES = (50, 90, 99)
@@ -29,22 +30,6 @@ KIND_NAMES = {
     "unpaired": ("judged completions", "completions"),
 }
 SHOWN_ROWS = 5
-
-
-@dataclass
-class Budget:
-    """The ``data.*`` length settings training would use."""
-
-    max_length: int
-    max_prompt_length: int | None
-    truncation: str
-
-    def describe(self) -> str:
-        prompt = "null" if self.max_prompt_length is None else self.max_prompt_length
-        return (
-            f"data.max_length={self.max_length}, data.max_prompt_length={prompt} "
-            f"({self.truncation})"
-        )
 
 
 @dataclass
@@ -62,7 +47,6 @@ def check_dataset(
 
     A source that cannot be read at all is one problem and no summary.
     """
-    check_budget(budget.max_length, budget.max_prompt_length, budget.truncation)
     problems: list[DataError] = []
     try:
         records, layout, kind = load_records(spec, split, kind, problems)
@@ -81,7 +65,7 @@ def check_dataset(
     summary = [f"{spec}: {rows} rows of {what}, layout {layout}"]
     if tokenized:
         summary += length_table(table, names)
-        _, report = fit(tokenized, budget.max_length, budget.max_prompt_length, budget.truncation)
+        _, report = fit(tokenized, budget)
         summary.append(f"  fitted to {budget.describe()}: {report.summary()}")
     summary.append(f"  duplicated {noun}: {describe_duplicates(duplicates(records))}")
     if layout == "ranked":

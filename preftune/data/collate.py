@@ -10,8 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from preftune.data.encode import EncodedDemo, EncodedPair
-from preftune.data.unpaired import EncodedRated
+from preftune.data.encode import EncodedComparison, EncodedDemo, EncodedPair, EncodedRated
 
 IGNORE_INDEX = -100
 
@@ -74,3 +73,33 @@ def _pad(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
         attention_mask[row, :end] = 1
         labels[row, len(prompt) : end] = input_ids[row, len(prompt) : end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_comparisons(
+    examples: Sequence[EncodedComparison], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """One batch of every response after its prompt, and where each example's responses are.
+
+    ``input_ids``, ``attention_mask`` (N, L): the N responses of the B examples, each example's
+    in ranking order, right-padded. ``slots`` (B, K): the sequence of each example's k-th
+    response in that order, K the most responses of an example (0 past an example's last);
+    ``places`` (B, K): that response's place in its ranking (0 best, tied responses share one;
+    -1 past the last); ``margin`` (B,).
+    """
+    sequences: list[EncodedDemo] = []
+    slots: list[list[int]] = []
+    places: list[list[int]] = []
+    for example in examples:
+        order = [(place, index) for place, tier in enumerate(example.ranking) for index in tier]
+        slots.append(list(range(len(sequences), len(sequences) + len(order))))
+        places.append([place for place, _ in order])
+        sequences += [EncodedDemo(example.prompt_ids, example.response_ids[i]) for _, i in order]
+    width = max((len(row) for row in slots), default=0)
+    padded = collate_demos(sequences, pad_id)
+    return {
+        "input_ids": padded["input_ids"],
+        "attention_mask": padded["attention_mask"],
+        "slots": torch.tensor([row + [0] * (width - len(row)) for row in slots]),
+        "places": torch.tensor([row + [-1] * (width - len(row)) for row in places]),
+        "margin": torch.tensor([example.margin for example in examples], dtype=torch.float32),
+    }

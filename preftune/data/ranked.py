@@ -2,8 +2,9 @@
 ``ranking`` (indices into ``responses``, best first) or as ``scores`` (one number per response,
 higher is better; equal scores are a tie).
 
-Rows are validated by the same checker as the other layouts (see ``formats``), so every error
-names the source, the row and the field.
+Rows are validated by the same checker as the other layouts
+(:class:`~preftune.data.rows.RowChecker`), so every error names the source, the row and the
+field.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from preftune.data.records import Ranked, Ranking
+from preftune.data.rows import RowChecker
 
-FIELDS = ("prompt", "responses")
 ORDER_FIELDS = ("ranking", "scores")
 
 
-def read_ranked(check: Any) -> Ranked:
-    """The row of ``check`` (a ``formats`` row checker) as a :class:`Ranked` record."""
+def read_ranked(check: RowChecker) -> Ranked:
+    """The row of ``check`` as a :class:`Ranked` record."""
     conversational = isinstance(check.row["prompt"], list)
     prompt = check.text("prompt", conversational)
     responses = check.row["responses"]
@@ -28,9 +29,9 @@ def read_ranked(check: Any) -> Ranked:
         raise check.error(f"needs at least 2 responses to rank, got {len(responses)}", "responses")
     texts = []
     for index, response in enumerate(responses):
-        # A checker of the same kind for the one item, so its errors name ``responses[i]``.
+        # A checker of the one item, so its errors name ``responses[i]``.
         name = f"responses[{index}]"
-        item = type(check)(check.spec, check.number, {name: response})
+        item = RowChecker(check.spec, check.number, {name: response})
         texts.append(item.text(name, conversational, response=True))
     given = [field for field in ORDER_FIELDS if check.row.get(field) is not None]
     if len(given) == 2:
@@ -46,7 +47,7 @@ def read_ranked(check: Any) -> Ranked:
     return Ranked(prompt, tuple(texts), ranking)
 
 
-def _ranking(check: Any, value: Any, count: int) -> Ranking:
+def _ranking(check: RowChecker, value: Any, count: int) -> Ranking:
     if not isinstance(value, list):
         raise check.error(f"expected a list of indices, got {type(value).__name__}", "ranking")
     seen: set[int] = set()
@@ -68,7 +69,7 @@ def _ranking(check: Any, value: Any, count: int) -> Ranking:
     return tuple((index,) for index in value)
 
 
-def _scores(check: Any, value: Any, count: int) -> Ranking:
+def _scores(check: RowChecker, value: Any, count: int) -> Ranking:
     if not isinstance(value, list):
         raise check.error(f"expected a list of numbers, got {type(value).__name__}", "scores")
     if len(value) != count:

@@ -79,6 +79,10 @@ class Ranked:
     """The 1-based row of the source it was read from, for messages; not part of its value."""
 
 
+Record = Pair | Ranked | Demo | Rated
+"""Every kind of record a source layout becomes."""
+
+
 def preferences(ranking: Ranking) -> list[tuple[int, int]]:
     """Every ``(better, worse)`` pair of response indices that ``ranking`` orders, best first:
     the pairs of the top place with each later place, then the second place's, and so on."""

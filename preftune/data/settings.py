@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from preftune.data.encode import Budget
 from preftune.fields import check_fields, option
 
 
 @dataclass
-class DataConfig:
+class DataSettings:
     train: str | None = option(
         None, "training data: .jsonl/.json/.parquet/.csv, a `datasets` dir, or hub name[:split]"
     )
@@ -30,3 +31,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
+
+    def budget(self) -> Budget:
+        """The length settings, as the encoders take them."""
+        return Budget(self.max_length, self.max_prompt_length, self.truncation)

@@ -8,7 +8,7 @@ from preftune.fields import check_fields, option
 
 
 @dataclass
-class CorpusConfig:
+class CorpusSettings:
     source: str = option(
         "builtin", "`builtin` (generated reviews) or a dataset with a text column, e.g. imdb"
     )
@@ -23,7 +23,7 @@ class CorpusConfig:
 
 
 @dataclass
-class DemoModelConfig:
+class DemoModelSettings:
     path: str = option("tiny", "`tiny` (tokenizer learned from the corpus), a model dir or hub id")
     hidden_size: int | None = option(None, "tiny only: hidden size (null: 128)", at_least=1)
     num_layers: int | None = option(None, "tiny only: layers (null: 4)", at_least=1)
@@ -35,7 +35,7 @@ class DemoModelConfig:
 
 
 @dataclass
-class StageSFTConfig:
+class StageSFTSettings:
     steps: int = option(300, "SFT optimizer steps on the corpus", at_least=1)
     batch_size: int = option(32, "reviews per SFT step", at_least=1)
     learning_rate: float = option(3e-3, "SFT peak learning rate", above=0)
@@ -45,7 +45,7 @@ class StageSFTConfig:
 
 
 @dataclass
-class PairsConfig:
+class PairsSettings:
     prompts: int = option(512, "prompts sampled to build preference pairs", at_least=1)
     # One completion per prompt has nothing to pair with.
     samples_per_prompt: int = option(
@@ -65,7 +65,7 @@ class PairsConfig:
 
 
 @dataclass
-class StageDPOConfig:
+class StageDPOSettings:
     betas: list[float] = option([0.5, 1.0, 2.0, 3.0, 5.0], "β of each DPO policy trained", above=0)
     steps: int = option(150, "optimizer steps of each DPO and Preferred-FT run", at_least=1)
     batch_size: int = option(32, "pairs per step", at_least=1)
@@ -77,7 +77,7 @@ class StageDPOConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalSettings:
     prompts: int = option(512, "held-out prompts each policy is sampled on", at_least=1)
     samples_per_prompt: int = option(2, "completions per prompt", at_least=1)
 
@@ -98,12 +98,12 @@ class DemoConfig:
     judge: str = option(
         "vader", "ground-truth reward: vader, or a reward model directory from `preftune rm`"
     )
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    model: DemoModelConfig = field(default_factory=DemoModelConfig)
-    sft: StageSFTConfig = field(default_factory=StageSFTConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    dpo: StageDPOConfig = field(default_factory=StageDPOConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)
+    model: DemoModelSettings = field(default_factory=DemoModelSettings)
+    sft: StageSFTSettings = field(default_factory=StageSFTSettings)
+    pairs: PairsSettings = field(default_factory=PairsSettings)
+    dpo: StageDPOSettings = field(default_factory=StageDPOSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from preftune.data.collate import collate_demos
-from preftune.data.encode import TruncationReport, encode_demos
+from preftune.data.encode import Budget, TruncationReport, encode_demos
 from preftune.data.records import Demo, Text
 from preftune.errors import ConfigError, PreftuneError
 from preftune.models.attention import inner_model
@@ -76,10 +76,10 @@ class RewardScorer:
             )
         if batch_size < 1:
             raise ConfigError(f"score.batch_size must be at least 1, got {batch_size}")
-        self.budget = (max_length, max_prompt_length, truncation)
+        self.budget = Budget(max_length, max_prompt_length, truncation)
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        spec = ModelSpec(path, trust_remote_code=trust_remote_code)
+        spec = ModelSpec(path=path, trust_remote_code=trust_remote_code)
         self.tokenizer = load_tokenizer(spec)
         self.model = load_model(spec, self.tokenizer, reward=True).eval().to(self.device)
 
@@ -101,7 +101,7 @@ class RewardScorer:
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
         numbers = rows if rows is not None else [None] * len(prompts)
         demos = [Demo(p, c, row) for p, c, row in zip(prompts, completions, numbers, strict=True)]
-        encoded, report = encode_demos(demos, self.tokenizer, *self.budget, source=source)
+        encoded, report = encode_demos(demos, self.tokenizer, self.budget, source=source)
         rewards: list[float] = []
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]

@@ -8,7 +8,7 @@ from preftune.fields import check_fields, option
 
 
 @dataclass
-class ModelConfig:
+class ModelSettings:
     path: str = option("tiny", "`tiny` (built from code), a local model directory, or a hub id")
     dtype: str = option(
         "auto",

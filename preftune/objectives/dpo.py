@@ -13,7 +13,7 @@ from preftune.losses import LossParams, PairLogps, combined_loss
 from preftune.models.logps import layout_logps, sequence_logps
 from preftune.models.reference import ReferenceProvider
 from preftune.objectives.base import Batch, Metrics, mean_metric
-from preftune.objectives.settings import LossConfig
+from preftune.losses.settings import LossSettings
 from preftune.objectives.speed import PairScoring
 
 
@@ -33,7 +33,7 @@ class PairedObjective:
 
     def __init__(
         self,
-        loss: LossConfig,
+        loss: LossSettings,
         reference: ReferenceProvider | None,
         pad_id: int,
         scoring: PairScoring | None = None,

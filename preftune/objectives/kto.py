@@ -6,12 +6,12 @@ import torch
 import torch.distributed as dist
 
 from preftune.data.collate import collate_rated
-from preftune.data.unpaired import EncodedRated
+from preftune.data.encode import EncodedRated
 from preftune.losses.kto import kto_loss
 from preftune.models.logps import sequence_logps
 from preftune.models.reference import ReferenceProvider
 from preftune.objectives.base import Batch, Metrics, mean_metric
-from preftune.objectives.kto_settings import KTOSettings
+from preftune.objectives.settings import KTOSettings
 
 # The KTO paper's advice for λ_D n_D / (λ_U n_U), with n_D, n_U the desirable and undesirable
 # examples: in [1, 4/3].

@@ -1,4 +1,5 @@
-"""Loss keys (``loss.*``) of the paired objectives, checked when the config is built."""
+"""Keys of the objectives: the speed levers of the paired ones (``speed.*``), KTO's (``kto.*``)
+and self-play's (``spin.*``), each checked when the config is built."""
 
 from __future__ import annotations
 
@@ -6,57 +7,83 @@ from dataclasses import dataclass
 
 from preftune.errors import ConfigError
 from preftune.fields import check_fields, option
-from preftune.losses import LOSS_NAMES, combined_loss
 
 
 @dataclass
-class LossConfig:
-    type: list[str] = option(
-        ["sigmoid"], f"paired loss, or a list of them to add up: {', '.join(LOSS_NAMES)}"
+class SpeedSettings:
+    reference_cache: bool = option(
+        True,
+        "compute reference log-probs once before training, cache them on disk, free the reference",
     )
-    # A negative weight would maximize its loss.
-    weights: list[float] = option([], "weight of each loss in loss.type ([]: 1 each)", at_least=0)
-    beta: float = option(
-        0.1,
-        "β: strength of the KL constraint to the reference (orpo: weight λ of the odds ratio)",
-        above=0,
+    cache_dir: str | None = option(
+        None, "reference cache directory (null: $PREFTUNE_CACHE or ~/.cache/preftune)"
     )
-    label_smoothing: float = option(
-        0.0,
-        "assumed label-flip rate ε for sigmoid (cDPO), robust, exo_pair (0: its 1e-3), aot and "
-        "aot_pair",
-        at_least=0,
-        below=0.5,
-    )
-    reference_free: bool = option(False, "use a uniform reference (no reference model is built)")
-    sft_weight: float = option(
-        0.0,
-        "weight of the NLL of chosen responses added to the loss (RPO; same as adding sft)",
+    reference_batch_size: int = option(
+        0,
+        "pairs per forward when precomputing reference log-probs (0: 2 x micro-batch)",
         at_least=0,
     )
-    simpo_gamma: float = option(
-        0.5, "simpo: target reward margin γ (the paper's γ, not γ/β)", at_least=0
+    prefix_sharing: bool = option(
+        True, "lay each pair out as prompt + chosen + rejected, computing the prompt once"
     )
-    discopop_tau: float = option(
-        0.05, "discopop: temperature τ of the log-ratio modulation", above=0
+    packing: bool = option(True, "pack the pairs of a micro-batch into rows, without padding")
+    pack_length: int = option(
+        0, "longest packed row in tokens (0: the longest pair's length)", at_least=0
+    )
+    logits_chunk: int = option(
+        1024,
+        "response positions per chunk through the output layer, recomputed in backward "
+        "(0: logits of every position at once)",
+        at_least=0,
     )
 
     def __post_init__(self) -> None:
-        check_fields(self, "loss")
-        try:
-            spec = combined_loss(self.type, self.weights)
-        except ValueError as error:
-            raise ConfigError(f"loss.type, loss.weights: {error}") from None
-        named = self.type[0] if len(self.type) == 1 else f"[{', '.join(self.type)}]"
-        if self.label_smoothing and not spec.uses_label_smoothing:
-            raise ConfigError(f"loss.label_smoothing has no effect with loss.type={named}")
-        if self.reference_free and not spec.needs_reference:
-            raise ConfigError(
-                f"loss.reference_free has no effect with loss.type={named}, which uses no reference"
-            )
-        # A parameter of one loss, set away from its default while that loss is not used, would
-        # do nothing: say so instead.
-        for key, owner in (("simpo_gamma", "simpo"), ("discopop_tau", "discopop")):
-            default = LossConfig.__dataclass_fields__[key].default
-            if getattr(self, key) != default and owner not in self.type:
-                raise ConfigError(f"loss.{key} has no effect with loss.type={named}")
+        check_fields(self, "speed")
+
+
+@dataclass
+class KTOSettings:
+    beta: float = option(
+        0.1, "β: scale of the implicit reward β log π/π_ref and of the KL reference point", above=0
+    )
+    desirable_weight: float = option(
+        1.0, "λ_D: weight of the loss of desirable completions", above=0
+    )
+    undesirable_weight: float = option(
+        1.0, "λ_U: weight of the loss of undesirable completions", above=0
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "kto")
+
+
+@dataclass
+class SPINSettings:
+    iterations: int = option(
+        3,
+        "self-play iterations: each generates with the previous iterate, then trains it",
+        at_least=1,
+    )
+    max_new_tokens: int | None = option(
+        None,
+        "longest generated completion in tokens (null: the room data.max_length leaves after "
+        "the shortest prompt)",
+        at_least=1,
+    )
+    do_sample: bool = option(True, "sample completions (true) or decode greedily (false)")
+    temperature: float = option(
+        1.0, "sampling temperature (greedy decoding: spin.do_sample=false)", above=0
+    )
+    top_p: float = option(
+        1.0,
+        "nucleus sampling: draw from the likeliest tokens holding this much probability",
+        above=0,
+        at_most=1,
+    )
+    batch_size: int = option(32, "prompts per generation batch on each process", at_least=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "spin")
+        for key, value in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if not self.do_sample and value != 1.0:
+                raise ConfigError(f"spin.{key} has no effect with spin.do_sample=false")

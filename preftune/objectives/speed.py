@@ -1,4 +1,5 @@
-"""Speed and memory keys (``speed.*``): every lever is exact, so all are on by default."""
+"""Which speed levers a paired objective uses on a given model: every lever is exact where it
+stands, so all are on by default, and one that cannot be exact on a model turns itself off."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from preftune.fields import check_fields, option
 from preftune.models.attention import (
     VARLEN_ROW,
     attention_kernel,
@@ -15,38 +15,7 @@ from preftune.models.attention import (
     is_varlen,
 )
 from preftune.models.layout_check import layout_error
-
-
-@dataclass
-class SpeedConfig:
-    reference_cache: bool = option(
-        True,
-        "compute reference log-probs once before training, cache them on disk, free the reference",
-    )
-    cache_dir: str | None = option(
-        None, "reference cache directory (null: $PREFTUNE_CACHE or ~/.cache/preftune)"
-    )
-    reference_batch_size: int = option(
-        0,
-        "pairs per forward when precomputing reference log-probs (0: 2 x micro-batch)",
-        at_least=0,
-    )
-    prefix_sharing: bool = option(
-        True, "lay each pair out as prompt + chosen + rejected, computing the prompt once"
-    )
-    packing: bool = option(True, "pack the pairs of a micro-batch into rows, without padding")
-    pack_length: int = option(
-        0, "longest packed row in tokens (0: the longest pair's length)", at_least=0
-    )
-    logits_chunk: int = option(
-        1024,
-        "response positions per chunk through the output layer, recomputed in backward "
-        "(0: logits of every position at once)",
-        at_least=0,
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self, "speed")
+from preftune.objectives.settings import SpeedSettings
 
 
 @dataclass(frozen=True)
@@ -62,7 +31,7 @@ class PairScoring:
     logits_chunk: int = 0
 
     @classmethod
-    def from_config(cls, speed: SpeedConfig) -> PairScoring:
+    def from_config(cls, speed: SpeedSettings) -> PairScoring:
         return cls(
             prefix_sharing=speed.prefix_sharing,
             packing=speed.packing,
@@ -75,7 +44,7 @@ class PairScoring:
         return self.prefix_sharing or self.packing
 
 
-def choose_scoring(model: torch.nn.Module, speed: SpeedConfig) -> tuple[PairScoring, str | None]:
+def choose_scoring(model: torch.nn.Module, speed: SpeedSettings) -> tuple[PairScoring, str | None]:
     """The levers of ``speed`` that are exact on ``model``, and a line saying which were turned
     off and why (None when all stand).
 

@@ -36,7 +36,7 @@ from preftune.train.interrupt import Interrupted, StopRequest
 from preftune.train.metrics_log import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
 from preftune.train.sampler import StepSampler, chunks, process_share
-from preftune.train.settings import TrainConfig
+from preftune.train.settings import TrainSettings
 from preftune.train.shared import decide_on_main
 from preftune.train.trackers import open_trackers
 
@@ -50,7 +50,7 @@ class Run:
     objective: Objective
     train_examples: Sequence[Any]
     eval_examples: Sequence[Any] | None
-    config: TrainConfig
+    config: TrainSettings
     output_dir: Path
     seed: int
     identity: dict[str, Any]
@@ -60,7 +60,7 @@ class Run:
     """The checkpoint to resume from, chosen and checked before anything was written."""
 
 
-def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
+def micro_batch_size(cfg: TrainSettings, num_processes: int) -> int:
     """Examples per process per forward; the global batch must split evenly into them."""
     if cfg.batch_size % num_processes:
         raise ConfigError(
@@ -76,7 +76,7 @@ def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
     return size
 
 
-def total_steps(cfg: TrainConfig, sampler: StepSampler) -> int:
+def total_steps(cfg: TrainSettings, sampler: StepSampler) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch
 
 
@@ -243,7 +243,7 @@ def _optimizer_step(
     batches: list[Batch],
     acc: Accelerator,
     optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
+    cfg: TrainSettings,
     skip_update: bool = False,
 ) -> tuple[dict[str, float], BadStep | None]:
     """Accumulate over ``batches`` so the gradient is that of the mean over the global batch,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from transformers import get_scheduler
 
-from preftune.train.settings import TrainConfig
+from preftune.train.settings import TrainSettings
 
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: TrainSettings) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -18,7 +18,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, cfg: TrainSettings, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     return get_scheduler(
         SCHEDULES[cfg.lr_scheduler],

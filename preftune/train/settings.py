@@ -11,7 +11,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 
 
 @dataclass
-class TrainConfig:
+class TrainSettings:
     max_steps: int = option(0, "optimizer steps (0: run train.epochs epochs)", at_least=0)
     epochs: int = option(1, "passes over the training data when train.max_steps is 0", at_least=1)
     batch_size: int = option(

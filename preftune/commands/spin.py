@@ -1,13 +1,5 @@
-"""``preftune spin``: self-play fine-tuning (SPIN; Chen et al., 2024, "Self-Play Fine-Tuning
-Converts Weak Language Models to Strong Language Models", arXiv:2401.01335).
-
-SFT data becomes preference pairs with no labels. Iteration t generates a completion y' of every
-prompt x with iterate t−1, pairs it as rejected with the real completion y as chosen, and trains
-iterate t−1 on the pairs with the paired loss of ``loss.type``, the reference being iterate t−1
-itself. With the default sigmoid loss this is the paper's logistic loss:
-
-    L(θ) = −E log σ(β log[π_θ(y|x) / π_{t−1}(y|x)] − β log[π_θ(y'|x) / π_{t−1}(y'|x)]),
-    y' ∼ π_{t−1}(·|x)
+"""``preftune spin``: self-play fine-tuning from SFT data alone, no preference labels (see
+:mod:`preftune.objectives.spin`).
 
 Iterate 0 is ``model.path``. Iterate t is saved to ``output_dir/iter-t``, the last one also to
 ``output_dir``; a run with the same ``output_dir`` skips the iterations finished there.
@@ -17,43 +9,39 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 
-from preftune.commands import (
+from preftune.commands.common import (
+    Command,
+    RunConfig,
     make_accelerator,
     model_spec,
-    setup_paired,
     train_and_eval_sets,
     train_and_save,
 )
-from preftune.config import SPINConfig, to_dict
-from preftune.data.encode import (
-    EncodedDemo,
-    EncodedPair,
-    Tokenized,
-    TruncationReport,
-    encode_demos,
-    fit,
-)
-from preftune.data.formats import load_demos
+from preftune.commands.dpo import setup_paired
+from preftune.config import to_dict
+from preftune.data.encode import encode_demos
+from preftune.data.readers import load_demos
 from preftune.files import write_text_atomically
-from preftune.models.generate import Sampling, generate_ids
+from preftune.losses.settings import LossSettings
 from preftune.models.load import load_model, load_tokenizer
-from preftune.spin.settings import SPINSettings
+from preftune.objectives.settings import SpeedSettings, SPINSettings
+from preftune.objectives.spin import generate_rejected, generation_rows, sampling, spin_pairs
 from preftune.train.card import write_model_card
 from preftune.train.checkpoint import latest_checkpoint
 from preftune.train.run_dir import MARKER, claimed, mark
 
 # Written last in an iteration's directory: the iteration is finished when it exists.
 RECORD = "spin_iteration.json"
+
 # Files of the last iteration's directory that describe that iteration, not the final model.
 ITERATION_FILES = (
     "metrics.jsonl",
@@ -64,6 +52,13 @@ ITERATION_FILES = (
     MARKER,
     RECORD,
 )
+
+
+@dataclass
+class SPINConfig(RunConfig):
+    loss: LossSettings = field(default_factory=LossSettings)
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    spin: SPINSettings = field(default_factory=SPINSettings)
 
 
 def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
@@ -103,57 +98,6 @@ def iteration_dir(cfg: SPINConfig, iteration: int) -> Path:
 def finished_record(directory: Path) -> dict[str, Any] | None:
     path = directory / RECORD
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def spin_pairs(
-    demos: Sequence[EncodedDemo], generated: Sequence[list[int]], max_length: int, truncation: str
-) -> tuple[list[EncodedPair], TruncationReport]:
-    """One pair per demonstration: its completion chosen, the generated one rejected, both after
-    the demonstration's own prompt ids (shared, not copied). A generated completion is cut to the
-    room the prompt leaves in ``max_length``, as data rows are; the report counts those cut
-    (``responses_truncated``) and those identical to the real completion (``identical``)."""
-    examples = [
-        Tokenized(demo.prompt_ids, [demo.completion_ids, ids], demo.row)
-        for demo, ids in zip(demos, generated, strict=True)
-    ]
-    kept, report = fit(examples, max_length, None, truncation)
-    return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in kept], report
-
-
-def sampling(settings: SPINSettings, max_length: int, demos: Sequence[EncodedDemo]) -> Sampling:
-    room = max_length - min(len(demo.prompt_ids) for demo in demos)
-    return Sampling(
-        settings.max_new_tokens or room, settings.temperature, settings.top_p, settings.do_sample
-    )
-
-
-def generate_rejected(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    tokenizer,
-    settings: Sampling,
-    batch_size: int,
-    seed: int,
-    acc: Accelerator,
-    desc: str,
-) -> list[list[int]]:
-    """A completion of each prompt by ``model``. Each process generates every
-    ``num_processes``-th prompt, shortest first so that a batch pads little, and every process
-    gets all the completions."""
-    mine = range(acc.process_index, len(prompts), acc.num_processes)
-    mine = sorted(mine, key=lambda index: len(prompts[index]))
-    with acc.autocast():
-        ids = generate_ids(
-            model,
-            [prompts[index] for index in mine],
-            tokenizer,
-            settings,
-            batch_size,
-            seed,
-            desc if acc.is_main_process else None,
-        )
-    completions = dict(gather_object(list(zip(mine, ids, strict=True))))
-    return [completions[index] for index in range(len(prompts))]
 
 
 def _iteration(cfg, iteration, acc, tokenizer, train_demos, eval_demos) -> dict[str, Any]:
@@ -214,7 +158,7 @@ def _self_play_pairs(cfg, iteration, acc, model, tokenizer, demos, label):
             model, prompts, tokenizer, settings, cfg.spin.batch_size, seed, acc, desc
         )
         if acc.is_main_process:
-            _write_atomic(path, _generation_rows(demos, generated, tokenizer))
+            _write_atomic(path, generation_rows(demos, generated, tokenizer))
         acc.wait_for_everyone()
     pairs, report = spin_pairs(demos, generated, cfg.data.max_length, cfg.data.truncation)
     counts = {
@@ -230,21 +174,6 @@ def _self_play_pairs(cfg, iteration, acc, model, tokenizer, demos, label):
         "the real completion, kept as pairs that carry no preference"
     )
     return pairs, counts
-
-
-def _generation_rows(demos, generated, tokenizer) -> str:
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    rows = [
-        {
-            "row": demo.row,
-            "prompt": decode(demo.prompt_ids),
-            "real": decode(demo.completion_ids),
-            "generated": decode(ids),
-            "generated_ids": ids,
-        }
-        for demo, ids in zip(demos, generated, strict=True)
-    ]
-    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def _save_final(cfg: SPINConfig, acc: Accelerator, records: list[dict[str, Any]]) -> None:
@@ -271,3 +200,11 @@ def _save_final(cfg: SPINConfig, acc: Accelerator, records: list[dict[str, Any]]
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, text)
+
+
+COMMAND = Command(
+    "spin",
+    "self-play fine-tuning: SFT data against the model's own completions",
+    SPINConfig,
+    run_spin,
+)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preftune.commands import run_dpo, run_sft
-from preftune.config import DPOConfig, SFTConfig
-from preftune.data.settings import DataConfig
+from preftune.commands.common import Command
+from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.commands.sft import SFTConfig, run_sft
+from preftune.data.settings import DataSettings
 from preftune.data.sources import read_rows
 from preftune.demo.corpus import generate_reviews, split_opening
 from preftune.demo.evaluate import Policy, evaluate_policies, sample_pairs
@@ -24,11 +25,11 @@ from preftune.demo.judge import load_judge
 from preftune.demo.report import write_report
 from preftune.demo.settings import DemoConfig
 from preftune.errors import ConfigError
-from preftune.models.settings import ModelConfig
+from preftune.losses.settings import LossSettings
+from preftune.models.settings import ModelSettings
 from preftune.models.tiny import build_model, build_tokenizer
-from preftune.objectives.settings import LossConfig
 from preftune.train.run_dir import check_output_dir, mark
-from preftune.train.settings import TrainConfig
+from preftune.train.settings import TrainSettings
 
 MAX_LENGTH = 128
 # Big enough to write fluent reviews after a few hundred steps on two CPU cores.
@@ -133,8 +134,8 @@ def _sft_config(cfg, model, data, output_dir, steps, learning_rate, batch_size) 
     return SFTConfig(
         seed=cfg.seed,
         output_dir=str(output_dir),
-        model=ModelConfig(path=str(model), dtype=cfg.model.dtype),
-        data=DataConfig(train=str(data), max_length=MAX_LENGTH, max_prompt_length=None),
+        model=ModelSettings(path=str(model), dtype=cfg.model.dtype),
+        data=DataSettings(train=str(data), max_length=MAX_LENGTH, max_prompt_length=None),
         train=_train_config(steps, batch_size, learning_rate),
     )
 
@@ -143,17 +144,17 @@ def _dpo_config(cfg, model, train, evaluation, beta, output_dir) -> DPOConfig:
     return DPOConfig(
         seed=cfg.seed,
         output_dir=str(output_dir),
-        model=ModelConfig(path=str(model), dtype=cfg.model.dtype),
-        data=DataConfig(
+        model=ModelSettings(path=str(model), dtype=cfg.model.dtype),
+        data=DataSettings(
             train=str(train), eval=str(evaluation), max_length=MAX_LENGTH, max_prompt_length=None
         ),
         train=_train_config(cfg.dpo.steps, cfg.dpo.batch_size, cfg.dpo.learning_rate),
-        loss=LossConfig(beta=beta),
+        loss=LossSettings(beta=beta),
     )
 
 
-def _train_config(steps: int, batch_size: int, learning_rate: float) -> TrainConfig:
-    return TrainConfig(
+def _train_config(steps: int, batch_size: int, learning_rate: float) -> TrainSettings:
+    return TrainSettings(
         max_steps=steps,
         batch_size=batch_size,
         learning_rate=learning_rate,
@@ -169,3 +170,11 @@ def _train_config(steps: int, batch_size: int, learning_rate: float) -> TrainCon
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+COMMAND = Command(
+    "demo",
+    "the DPO paper's controlled-sentiment experiment, offline, in minutes",
+    DemoConfig,
+    run_demo,
+)

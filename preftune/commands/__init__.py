@@ -1,0 +1,23 @@
+"""The commands of ``preftune``: one module each, exporting its :class:`Command` (name,
+one-line summary, config class, runner) into :data:`REGISTRY`, which the command line reads."""
+
+from __future__ import annotations
+
+from preftune.commands import data_check, demo, dpo, kto, rm, score, sft, spin
+from preftune.commands.common import Command
+
+REGISTRY: dict[str, Command] = {
+    command.name: command
+    for command in (
+        dpo.COMMAND,
+        sft.COMMAND,
+        kto.COMMAND,
+        spin.COMMAND,
+        rm.COMMAND,
+        score.COMMAND,
+        demo.COMMAND,
+        data_check.COMMAND,
+    )
+}
+TRAINING = ("dpo", "kto", "spin", "rm", "sft")
+"""Commands whose config has the model.* and data.* keys, most general first."""

@@ -1,0 +1,62 @@
+"""Loss keys (``loss.*``) of the paired objectives, checked when the config is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from preftune.errors import ConfigError
+from preftune.fields import check_fields, option
+from preftune.losses import LOSS_NAMES, combined_loss
+
+
+@dataclass
+class LossSettings:
+    type: list[str] = option(
+        ["sigmoid"], f"paired loss, or a list of them to add up: {', '.join(LOSS_NAMES)}"
+    )
+    # A negative weight would maximize its loss.
+    weights: list[float] = option([], "weight of each loss in loss.type ([]: 1 each)", at_least=0)
+    beta: float = option(
+        0.1,
+        "β: strength of the KL constraint to the reference (orpo: weight λ of the odds ratio)",
+        above=0,
+    )
+    label_smoothing: float = option(
+        0.0,
+        "assumed label-flip rate ε for sigmoid (cDPO), robust, exo_pair (0: its 1e-3), aot and "
+        "aot_pair",
+        at_least=0,
+        below=0.5,
+    )
+    reference_free: bool = option(False, "use a uniform reference (no reference model is built)")
+    sft_weight: float = option(
+        0.0,
+        "weight of the NLL of chosen responses added to the loss (RPO; same as adding sft)",
+        at_least=0,
+    )
+    simpo_gamma: float = option(
+        0.5, "simpo: target reward margin γ (the paper's γ, not γ/β)", at_least=0
+    )
+    discopop_tau: float = option(
+        0.05, "discopop: temperature τ of the log-ratio modulation", above=0
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "loss")
+        try:
+            spec = combined_loss(self.type, self.weights)
+        except ValueError as error:
+            raise ConfigError(f"loss.type, loss.weights: {error}") from None
+        named = self.type[0] if len(self.type) == 1 else f"[{', '.join(self.type)}]"
+        if self.label_smoothing and not spec.uses_label_smoothing:
+            raise ConfigError(f"loss.label_smoothing has no effect with loss.type={named}")
+        if self.reference_free and not spec.needs_reference:
+            raise ConfigError(
+                f"loss.reference_free has no effect with loss.type={named}, which uses no reference"
+            )
+        # A parameter of one loss, set away from its default while that loss is not used, would
+        # do nothing: say so instead.
+        for key, owner in (("simpo_gamma", "simpo"), ("discopop_tau", "discopop")):
+            default = LossSettings.__dataclass_fields__[key].default
+            if getattr(self, key) != default and owner not in self.type:
+                raise ConfigError(f"loss.{key} has no effect with loss.type={named}")
