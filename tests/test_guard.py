@@ -16,7 +16,7 @@ from preftune.commands.dpo import DPOConfig, run_dpo
 from preftune.config import load_config
 from preftune.errors import ConfigError, TrainingError
 from preftune.objectives.dpo import PairedObjective
-from preftune.train.sampler import StepSampler
+from preftune.train.sources import StepSampler
 from tests.conftest import LAUNCHER, ROOT, SAMPLE_TRAIN, read_metrics
 
 Poison = Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]

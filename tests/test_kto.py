@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from preftune.models.reference import FrozenCopy
 from preftune.models.tiny import build_model, build_tokenizer
 from preftune.objectives.kto import KTOObjective, balance_warning, mismatched_kl
 from preftune.objectives.settings import KTOSettings
-from preftune.train.sampler import StepSampler
+from preftune.train.sources import StepSampler
 from tests.conftest import (
     LAUNCHER,
     ROOT,
@@ -176,25 +177,30 @@ def test_micro_batches_without_one_label_average_exactly(tokenizer, encoded) -> 
         assert (total / count).item() == pytest.approx((mixed[key][0] / count).item(), rel=1e-5)
 
 
-# One process of a two-process group, as accelerate would start it; argv: rank, store file.
+# One process of a two-process group, as accelerate starts it; argv: rank, port.
 ALL_REDUCE_WORKER = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch
+rank = sys.argv[1]
+os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+from accelerate import PartialState
 from preftune.objectives.kto import mismatched_kl
-rank = int(sys.argv[1])
-dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
-ratios = torch.tensor([1.0, 2.0, 3.0]) if rank == 0 else torch.tensor([-5.0, 7.0])
+state = PartialState(cpu=True)
+ratios = torch.tensor([1.0, 2.0, 3.0]) if rank == "0" else torch.tensor([-5.0, 7.0])
 shared, own = mismatched_kl(ratios, True).item(), mismatched_kl(ratios, False).item()
-dist.destroy_process_group()
+state.destroy_process_group()
 print(shared, own)
 """
 
 
 def test_kl_estimate_is_averaged_over_processes(tmp_path: Path) -> None:
     assert mismatched_kl(torch.tensor([1.0, -4.0]), True).item() == -1.5  # no process group
-    store = str(tmp_path / "store")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", ALL_REDUCE_WORKER, str(rank), store],
+            [sys.executable, "-c", ALL_REDUCE_WORKER, str(rank), port],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,

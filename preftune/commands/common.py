@@ -28,6 +28,7 @@ from preftune.models.load import ModelSpec, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora, save_merged
 from preftune.models.settings import LoraSettings, ModelSettings
 from preftune.objectives.base import Objective
+from preftune.train import state
 from preftune.train.card import write_model_card
 from preftune.train.loop import Run, train
 from preftune.train.plots import plot_metrics
@@ -35,6 +36,7 @@ from preftune.train.resume import find_resume_point, run_identity
 from preftune.train.run_dir import mark
 from preftune.train.settings import TrainSettings
 from preftune.train.shared import decide_on_main
+from preftune.train.sources import ExampleBatches
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -206,15 +208,22 @@ def train_and_save(
         write_text_atomically(
             output_dir / "preftune_config.yaml", yaml.safe_dump(config, sort_keys=False)
         )
+    source = ExampleBatches(
+        train_set,
+        objective.collate,
+        cfg.train,
+        cfg.seed,
+        process_index=acc.process_index,
+        num_processes=acc.num_processes,
+    )
     run = Run(
         accelerator=acc,
         model=model,
         objective=objective,
-        train_examples=train_set,
+        source=source,
         eval_examples=eval_set,
         config=cfg.train,
         output_dir=output_dir,
-        seed=cfg.seed,
         identity=identity,
         resume=resume,
     )
@@ -248,7 +257,7 @@ def _save_model(
 ) -> None:
     if is_lora(model):
         model = save_merged(model, output_dir)
-    model.save_pretrained(output_dir, safe_serialization=True)
+    state.save_pretrained(acc, model, output_dir)
     tokenizer.save_pretrained(output_dir)
     try:
         plot_metrics(output_dir)

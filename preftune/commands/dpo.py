@@ -27,8 +27,8 @@ from preftune.models.reference import AdapterDisabled, FrozenCopy, Score
 from preftune.objectives.dpo import PairedObjective
 from preftune.objectives.settings import SpeedSettings
 from preftune.objectives.speed import choose_scoring
-from preftune.train.loop import micro_batch_size
 from preftune.train.run_dir import claimed
+from preftune.train.sources import micro_batch_size
 
 
 @dataclass

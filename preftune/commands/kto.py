@@ -20,8 +20,8 @@ from preftune.models.lora import is_lora
 from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.objectives.kto import KTOObjective, balance_warning
 from preftune.objectives.settings import KTOSettings
-from preftune.train.loop import micro_batch_size
 from preftune.train.run_dir import claimed
+from preftune.train.sources import micro_batch_size
 
 
 @dataclass

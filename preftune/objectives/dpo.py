@@ -10,10 +10,10 @@ from preftune.data.collate import collate_pairs
 from preftune.data.encode import EncodedPair
 from preftune.data.layout import layout_pairs
 from preftune.losses import LossParams, PairLogps, combined_loss
+from preftune.losses.settings import LossSettings
 from preftune.models.logps import layout_logps, sequence_logps
 from preftune.models.reference import ReferenceProvider
 from preftune.objectives.base import Batch, Metrics, mean_metric
-from preftune.losses.settings import LossSettings
 from preftune.objectives.speed import PairScoring
 
 

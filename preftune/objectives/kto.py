@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+from accelerate.utils import reduce
 
 from preftune.data.collate import collate_rated
 from preftune.data.encode import EncodedRated
@@ -82,12 +82,9 @@ class KTOObjective:
 
 def mismatched_kl(log_ratios: torch.Tensor, across_processes: bool) -> torch.Tensor:
     """The mean of ``log_ratios`` (log π/π_ref of mismatched prompt-completion pairs), detached;
-    with ``across_processes`` and torch.distributed initialised, the mean over processes too."""
+    with ``across_processes``, the mean over the processes of the run too."""
     kl = log_ratios.detach().float().mean()
-    if across_processes and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(kl, op=dist.ReduceOp.SUM)
-        kl = kl / dist.get_world_size()
-    return kl
+    return reduce(kl, "mean") if across_processes else kl
 
 
 def balance_warning(desirable: int, undesirable: int, settings: KTOSettings) -> str | None:

@@ -34,15 +34,22 @@ RETIRED = ".old-"
 FILES = ("model.safetensors", "training_state.pt", "state.json")
 
 
+def weights_file(name: str) -> str:
+    """The file of a trained module's weights: ``model.safetensors`` for the model, others by
+    their name (an objective's value model, say)."""
+    return f"{name}.safetensors"
+
+
 def _write_files(
     staging: Path,
     step: int,
-    model: torch.nn.Module,
+    modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     identity: dict[str, Any],
 ) -> None:
-    save_model(model, str(staging / "model.safetensors"))
+    for name, module in modules.items():
+        save_model(module, str(staging / weights_file(name)))
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -52,9 +59,8 @@ def _write_files(
         staging / "training_state.pt",
     )
     files = {
-        name: {"bytes": (staging / name).stat().st_size, "xxh3": file_checksum(staging / name)}
-        for name in FILES
-        if name != "state.json"
+        file: {"bytes": (staging / file).stat().st_size, "xxh3": file_checksum(staging / file)}
+        for file in [*map(weights_file, modules), "training_state.pt"]
     }
     # Written last: a checkpoint is complete when its state.json exists.
     state = {"step": step, **identity, "files": files}
@@ -155,14 +161,16 @@ def remove_leftovers(output_dir: str | Path) -> list[Path]:
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
-    model: torch.nn.Module,
+    modules: dict[str, torch.nn.Module],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     keep: int,
     identity: dict[str, Any],
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically; ``identity`` (the run's config and data
-    digest) goes into its ``state.json``, for a resumed run to compare with its own."""
+    """Write the checkpoint of ``step`` atomically: each of ``modules`` (``model`` first), the
+    optimizer and scheduler, every random generator. ``identity`` goes into ``state.json``: the
+    run's config and data digest, for a resumed run to compare with its own, and its batch
+    source's position."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -170,7 +178,7 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _write_files(staging, step, model, optimizer, scheduler, identity)
+        _write_files(staging, step, modules, optimizer, scheduler, identity)
     except BaseException:
         # A failed write (a full disk, say) leaves nothing behind and the checkpoints as they were.
         shutil.rmtree(staging, ignore_errors=True)
@@ -184,15 +192,20 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> int:
-    """Restore everything saved in ``path`` and return its step."""
-    load_model(model, str(path / "model.safetensors"))
-    state = torch.load(path / "training_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_states(state)
-    return int(json.loads((path / "state.json").read_text())["step"])
+    path: Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore everything saved in ``path``; returns its ``state.json``."""
+    for name, module in modules.items():
+        load_model(module, str(path / weights_file(name)))
+    training = torch.load(path / "training_state.pt", weights_only=True)
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    set_rng_states(training)
+    state = json.loads((path / "state.json").read_text())
+    return state | {"step": int(state["step"])}
 
 
 def rng_states() -> dict[str, Any]:

@@ -14,7 +14,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -61,12 +60,12 @@ def step_health(
 
 
 def after_update(
-    model: torch.nn.Module, stop_requested: bool, acc: Accelerator
+    parameters: Sequence[torch.nn.Parameter], stop_requested: bool, acc: Accelerator
 ) -> tuple[bool, bool]:
     """(whether any process's trainable weights are non-finite, whether any process was asked
     to stop), agreed by every process in one reduction."""
     flags = torch.zeros(2, dtype=torch.long, device=acc.device)
-    trainable = [p.detach() for p in model.parameters() if p.requires_grad]
+    trainable = [p.detach() for p in parameters if p.requires_grad]
     if trainable:
         finite = torch.stack([torch.isfinite(p).all() for p in trainable]).all()
         flags[0] = (~finite).long()
@@ -75,32 +74,17 @@ def after_update(
     return poisoned, stop
 
 
-def bad_examples(order: list[int], bad: BadStep, micro: int) -> list[int]:
-    """Indices into the training set of the examples a bad step is blamed on: those of its
-    micro-batches with a non-finite loss, else the whole global batch."""
-    if not bad.micro_batches:
-        return sorted(order)
-    return sorted(i for part in bad.micro_batches for i in order[part * micro : (part + 1) * micro])
-
-
 def report_bad_step(
     step: int,
     bad: BadStep,
-    rows: Sequence[int | None],
-    examples: list[int],
+    where: str,
     in_a_row: int,
     limit: int,
     output_dir: Path,
     acc: Accelerator,
 ) -> None:
-    """One line for a bad step, naming the data.train rows of its examples; a
+    """One line for a bad step, naming ``where`` its data came from (the data.train rows); a
     ``TrainingError`` after ``limit`` such steps in a row (0: never)."""
-    if all(row is not None for row in rows):
-        what, numbers = "data.train rows", sorted(rows)
-    else:
-        what, numbers = "training examples (0-based, among the rows kept from data.train)", examples
-    shown = ", ".join(map(str, numbers[:16])) + (", …" if len(numbers) > 16 else "")
-    where = f"{what}: {shown}"
     if limit and in_a_row >= limit:
         raise TrainingError(
             f"step {step}: {in_a_row} steps in a row with a {bad.reason} "
@@ -121,7 +105,3 @@ def newest_intact_phrase(output_dir: Path) -> str:
     if point is None:
         return "no checkpoint yet"
     return f"the newest intact checkpoint is {point.path}"
-
-
-def describe_rows(examples: list[int], train_examples: Sequence[Any]) -> list[int | None]:
-    return [getattr(train_examples[i], "row", None) for i in examples]

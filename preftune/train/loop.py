@@ -15,29 +15,21 @@ from accelerate import Accelerator
 
 from preftune.errors import ConfigError, TrainingError
 from preftune.objectives.base import Batch, Metrics, Objective
-from preftune.train.checkpoint import (
-    ResumePoint,
-    load_checkpoint,
-    newest_intact,
-    remove_leftovers,
-    save_checkpoint,
-)
+from preftune.train import state
+from preftune.train.checkpoint import ResumePoint, newest_intact, remove_leftovers
 from preftune.train.guard import (
     NON_FINITE_WEIGHTS,
     BadStep,
     after_update,
-    bad_examples,
-    describe_rows,
-    newest_intact_phrase,
     report_bad_step,
     step_health,
 )
 from preftune.train.interrupt import Interrupted, StopRequest
 from preftune.train.metrics_log import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
-from preftune.train.sampler import StepSampler, chunks, process_share
 from preftune.train.settings import TrainSettings
 from preftune.train.shared import decide_on_main
+from preftune.train.sources import BatchSource, chunks
 from preftune.train.trackers import open_trackers
 
 
@@ -48,11 +40,11 @@ class Run:
     accelerator: Accelerator
     model: torch.nn.Module
     objective: Objective
-    train_examples: Sequence[Any]
+    source: BatchSource
+    """Where each step's micro-batches come from."""
     eval_examples: Sequence[Any] | None
     config: TrainSettings
     output_dir: Path
-    seed: int
     identity: dict[str, Any]
     """What a checkpoint records of the run, for a resumed run to match: the flattened config
     and the training data's digest (see :mod:`preftune.train.resume`)."""
@@ -60,24 +52,58 @@ class Run:
     """The checkpoint to resume from, chosen and checked before anything was written."""
 
 
-def micro_batch_size(cfg: TrainSettings, num_processes: int) -> int:
-    """Examples per process per forward; the global batch must split evenly into them."""
-    if cfg.batch_size % num_processes:
-        raise ConfigError(
-            f"train.batch_size={cfg.batch_size} does not split over {num_processes} processes"
-        )
-    per_process = cfg.batch_size // num_processes
-    size = cfg.micro_batch_size or per_process
-    if per_process % size:
-        raise ConfigError(
-            f"train.micro_batch_size={size} does not divide the {per_process} examples per process"
-            f" (train.batch_size={cfg.batch_size} over {num_processes} processes)"
-        )
-    return size
+class Training:
+    """The state the loop carries: the prepared modules (``model`` first, then any the objective
+    owns besides, each its own parameter group), optimizer and schedule, the metrics log."""
 
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        acc, cfg, source = run.accelerator, run.config, run.source
+        if cfg.max_steps <= 0 and source.steps_per_epoch is None:
+            raise ConfigError("train.max_steps is required: this data has no epochs")
+        self.steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * source.steps_per_epoch
+        owned = dict(getattr(run.objective, "modules", {}))
+        modules = {"model": run.model, **owned}
+        optimizer = build_optimizer(list(modules.values()), cfg)
+        self.scheduler = build_scheduler(optimizer, cfg, self.steps)
+        self.start = _resume(run, modules, optimizer, self.scheduler, self.steps)
+        acc.print(f"{self.steps} steps of {source.describe()}")
+        *prepared, self.optimizer = acc.prepare(*modules.values(), optimizer)
+        self.modules = dict(zip(modules, prepared, strict=True))
+        self.model = self.modules["model"]
+        if owned:
+            run.objective.modules = {name: self.modules[name] for name in owned}
+        trackers = []
+        if acc.is_main_process:
+            trackers = open_trackers(
+                cfg.report_to, run.output_dir, self.start, run.identity["config"]
+            )
+        self.log = MetricsLog(
+            run.output_dir,
+            self.steps,
+            self.start,
+            acc.is_main_process,
+            run.objective.name,
+            trackers,
+        )
 
-def total_steps(cfg: TrainSettings, sampler: StepSampler) -> int:
-    return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for module in self.modules.values() for p in module.parameters()]
+
+    def save(self, step: int) -> None:
+        run = self.run
+        identity = run.identity | {"source": run.source.state_dict()}
+        keep = run.config.keep_checkpoints
+        state.save(
+            run.accelerator,
+            run.output_dir,
+            step,
+            self.modules,
+            self.optimizer,
+            self.scheduler,
+            keep,
+            identity,
+        )
 
 
 def train(run: Run) -> dict[str, float]:
@@ -90,114 +116,69 @@ def train(run: Run) -> dict[str, float]:
     raises :class:`~preftune.train.interrupt.Interrupted`.
     """
     acc, cfg = run.accelerator, run.config
-    micro = micro_batch_size(cfg, acc.num_processes)
-    if len(run.train_examples) < cfg.batch_size:
-        raise ConfigError(
-            f"data.train has {len(run.train_examples)} usable examples, fewer than "
-            f"train.batch_size={cfg.batch_size}"
-        )
-    sampler = StepSampler(len(run.train_examples), cfg.batch_size, run.seed)
-    steps = total_steps(cfg, sampler)
-    optimizer = build_optimizer(run.model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps)
-    start = _resume(run, optimizer, scheduler, steps)
-    accumulation = cfg.batch_size // (acc.num_processes * micro)
-    acc.print(
-        f"{steps} steps of {cfg.batch_size} examples = {acc.num_processes} processes x "
-        f"{accumulation} micro-batches x {micro}; {sampler.unused_per_epoch} examples a "
-        f"epoch left over by the batch size"
-    )
-    model, optimizer = acc.prepare(run.model, optimizer)
-    trackers = []
-    if acc.is_main_process:
-        trackers = open_trackers(cfg.report_to, run.output_dir, start, run.identity["config"])
-    log = MetricsLog(
-        run.output_dir, steps, start, acc.is_main_process, run.objective.name, trackers
-    )
+    t = Training(run)
     stop = StopRequest()
     undone: set[int] = set()  # steps whose update left weights non-finite: skipped from now on
     replay_until = 0  # after an undo, steps up to here are computed again but not logged again
     bad_in_a_row = 0
-    step = start + 1
+    step = t.start + 1
     try:
         with stop.watch():
-            while step <= steps:
-                order = sampler.global_batch(step)
-                indices = process_share(order, acc.process_index, acc.num_processes)
-                batches = [
-                    run.objective.collate([run.train_examples[i] for i in part])
-                    for part in chunks(indices, micro)
-                ]
+            while step <= t.steps:
                 skip = step in undone
-                stats, bad = _optimizer_step(
-                    model, run.objective, batches, acc, optimizer, cfg, skip
-                )
-                poisoned, stopping = after_update(model, stop.requested, acc)
+                stats, bad = _optimizer_step(t, run.source.batches(step), acc, cfg, skip)
+                poisoned, stopping = after_update(t.parameters(), stop.requested, acc)
                 if poisoned:
                     undone.add(step)
                     replay_until = step - 1
-                    step = _undo(run, model, optimizer, scheduler, step) + 1
+                    step = _undo(t, step) + 1
                     continue
                 if skip:
                     bad = BadStep(NON_FINITE_WEIGHTS, [])
-                stats["learning_rate"] = scheduler.get_last_lr()[0]
-                scheduler.step()
+                stats["learning_rate"] = t.scheduler.get_last_lr()[0]
+                t.scheduler.step()
                 if step > replay_until:
-                    log.count_tokens(int(stats.pop("tokens")))
+                    t.log.count_tokens(int(stats.pop("tokens")))
                     bad_in_a_row = bad_in_a_row + 1 if bad else 0
                     if bad:
                         stats["update_skipped"] = 1.0
-                        _report(run, step, bad, bad_examples(order, bad, micro), bad_in_a_row)
-                    if step % cfg.log_every == 0 or step == steps:
-                        log.log(step, stats)
+                        where = run.source.blame(step, bad.micro_batches)
+                        report_bad_step(
+                            step, bad, where, bad_in_a_row, cfg.max_bad_steps, run.output_dir, acc
+                        )
+                    if step % cfg.log_every == 0 or step == t.steps:
+                        t.log.log(step, stats)
                 if stopping:
-                    _save(run, step, model, optimizer, scheduler)
-                    raise Interrupted(step, steps, stop.signum or SIGTERM)
+                    t.save(step)
+                    raise Interrupted(step, t.steps, stop.signum or SIGTERM)
                 if step > replay_until:
-                    _evaluate_and_save(run, step, steps, model, optimizer, scheduler, micro, log)
-                log.advance()
+                    _evaluate_and_save(t, step)
+                t.log.advance()
                 step += 1
     finally:
-        log.close()
-    return {key: value for key, value in log.latest.items() if key != "step"}
+        t.log.close()
+    return {key: value for key, value in t.log.latest.items() if key != "step"}
 
 
-def _evaluate_and_save(run, step, steps, model, optimizer, scheduler, micro, log) -> None:
+def _evaluate_and_save(t: Training, step: int) -> None:
     """Evaluate and checkpoint when ``step`` calls for it."""
-    cfg, acc = run.config, run.accelerator
-    if run.eval_examples and (step == steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-        evaluated = evaluate(acc.unwrap_model(model), run.objective, run.eval_examples, micro, acc)
-        log.log(step, evaluated, prefix="eval/")
-    if step == steps or (cfg.save_every and step % cfg.save_every == 0):
-        _save(run, step, model, optimizer, scheduler)
+    run, cfg, acc = t.run, t.run.config, t.run.accelerator
+    last = step == t.steps
+    if run.eval_examples and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+        model = state.for_evaluation(acc, t.model)
+        micro = run.source.micro_batch_size
+        t.log.log(step, evaluate(model, run.objective, run.eval_examples, micro, acc), "eval/")
+    if last or (cfg.save_every and step % cfg.save_every == 0):
+        t.save(step)
 
 
-def _save(run: Run, step: int, model, optimizer, scheduler) -> None:
-    """Checkpoint ``step`` on the main process; a failed write (a full disk) is one line on
-    every process, the checkpoints written before it intact."""
-    acc, cfg = run.accelerator, run.config
-
-    def save() -> None:
-        try:
-            save_checkpoint(
-                run.output_dir,
-                step,
-                acc.unwrap_model(model),
-                optimizer,
-                scheduler,
-                cfg.keep_checkpoints,
-                run.identity,
-            )
-        except OSError as error:
-            raise TrainingError(
-                f"cannot write the checkpoint of step {step} in {run.output_dir}: "
-                f"{error.strerror or error}; stopped, {newest_intact_phrase(run.output_dir)}"
-            ) from None
-
-    decide_on_main(acc, save)
-
-
-def _resume(run: Run, optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> int:
+def _resume(
+    run: Run,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    steps: int,
+) -> int:
     """Remove what interrupted saves left, load ``run.resume`` if any, and return its step."""
     acc = run.accelerator
     if acc.is_main_process:
@@ -206,15 +187,17 @@ def _resume(run: Run, optimizer: torch.optim.Optimizer, scheduler: Any, steps: i
     acc.wait_for_everyone()
     if run.resume is None:
         return 0
-    start = load_checkpoint(run.resume.path, run.model, optimizer, scheduler)
-    acc.print(f"resuming from {run.resume.path} (step {start} of {steps})")
-    return start
+    saved = state.load(acc, run.resume.path, modules, optimizer, scheduler)
+    run.source.load_state_dict(saved.get("source", {}))
+    acc.print(f"resuming from {run.resume.path} (step {saved['step']} of {steps})")
+    return saved["step"]
 
 
-def _undo(run: Run, model, optimizer, scheduler, step: int) -> int:
+def _undo(t: Training, step: int) -> int:
     """Undo the update of ``step``, which left weights non-finite: restore the newest intact
     checkpoint and return its step; the loop computes the steps after it again (exactly, as a
     resumed run does) and skips ``step``'s update. Without a checkpoint, the run stops."""
+    run = t.run
     acc = run.accelerator
     point = decide_on_main(acc, lambda: newest_intact(run.output_dir))
     if point is None:
@@ -223,7 +206,9 @@ def _undo(run: Run, model, optimizer, scheduler, step: int) -> int:
             f"undo it from; stopped without saving (train.learning_rate="
             f"{run.config.learning_rate:g}; train.save_every={run.config.save_every})"
         )
-    restored = load_checkpoint(point.path, acc.unwrap_model(model), optimizer, scheduler)
+    saved = state.load(acc, point.path, t.modules, t.optimizer, t.scheduler)
+    run.source.load_state_dict(saved.get("source", {}))
+    restored = saved["step"]
     acc.print(
         f"step {step}: the update made weights non-finite; undone by restoring {point.path} "
         f"and computing steps {restored + 1} to {step - 1} again; step {step} will be skipped"
@@ -231,18 +216,10 @@ def _undo(run: Run, model, optimizer, scheduler, step: int) -> int:
     return restored
 
 
-def _report(run: Run, step: int, bad: BadStep, examples: list[int], in_a_row: int) -> None:
-    rows = describe_rows(examples, run.train_examples)
-    limit = run.config.max_bad_steps
-    report_bad_step(step, bad, rows, examples, in_a_row, limit, run.output_dir, run.accelerator)
-
-
 def _optimizer_step(
-    model: torch.nn.Module,
-    objective: Objective,
+    t: Training,
     batches: list[Batch],
     acc: Accelerator,
-    optimizer: torch.optim.Optimizer,
     cfg: TrainSettings,
     skip_update: bool = False,
 ) -> tuple[dict[str, float], BadStep | None]:
@@ -250,6 +227,7 @@ def _optimizer_step(
     then update, unless some process saw a non-finite loss or the gradient is not finite (or
     ``skip_update``): then the gradient is dropped and the weights and optimizer state stay as
     they were."""
+    objective, model, optimizer = t.run.objective, t.model, t.optimizer
     local_weight = sum(objective.weight(batch) for batch in batches)
     total_weight = acc.reduce(torch.tensor(float(local_weight), device=acc.device), "sum")
     # Each process's gradients are averaged by the engine, hence the factor num_processes.
@@ -267,7 +245,7 @@ def _optimizer_step(
         finite.append(torch.isfinite(loss_sum.detach()))
         _accumulate(sums, metrics)
         tokens += real_tokens(batch)
-    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+    grad_norm = acc.clip_grad_norm_(t.parameters(), cfg.max_grad_norm or math.inf)
     counts, bad = step_health(finite, float(grad_norm), tokens, acc)
     if bad is None and not skip_update:
         optimizer.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import get_scheduler
 
@@ -10,11 +12,16 @@ from preftune.train.settings import TrainSettings
 SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainSettings) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(
+    modules: Sequence[torch.nn.Module], cfg: TrainSettings
+) -> torch.optim.Optimizer:
+    """One optimizer over the trainable parameters of ``modules``, a parameter group each (the
+    model, then any module an objective trains besides it)."""
+    groups = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in modules]
+    groups = [group for group in groups if group["params"]]
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(
