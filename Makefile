@@ -26,6 +26,7 @@ demo: install
 test: install
 	$(BIN)/ruff check preftune tests bench
 	$(BIN)/ruff format --check preftune tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: install

@@ -9,7 +9,7 @@ import sys
 
 from preftune import __version__
 from preftune.commands import REGISTRY, TRAINING
-from preftune.commands.data_check import training_config
+from preftune.commands.data_check import run_data_check, training_config
 from preftune.config import describe, load_config
 from preftune.errors import PreftuneError
 from preftune.train.interrupt import Interrupted, Stopped, signals_stop_at_once
@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         paths = [item for item in args.items if not _OVERRIDE.match(item)]
         training = [REGISTRY[name] for name in TRAINING]
         config = training_config(args.config, overrides, training)
-        return REGISTRY[DATA_CHECK].run(config, paths, args.kind)
+        return run_data_check(config, paths, args.kind)
     command = REGISTRY[args.command]
     command.run(load_config(command.config, args.config, args.overrides))
     return 0

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,10 +23,13 @@ import yaml
 
 from preftune.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 # A section given as a plain value sets this key, e.g. ``model: tiny`` is ``model.path: tiny``.
 SHORTHANDS = {"model": "path"}
 
-C = TypeVar("C")
+C = TypeVar("C", bound="DataclassInstance")
 
 # Values a YAML document may hold once its aliases are expanded: a config has about a hundred,
 # and a "billion laughs" document, a few nested anchors, would otherwise expand to billions.
@@ -46,12 +50,12 @@ def describe(cls: type) -> list[tuple[str, str, str]]:
     return rows
 
 
-def load_config(cls: type[C], path: str | None = None, overrides: list[str] = ()) -> C:
+def load_config(cls: type[C], path: str | None = None, overrides: Sequence[str] = ()) -> C:
     """Build ``cls`` from an optional YAML file and ``key=value`` overrides (later wins)."""
     return _build(cls, given_keys(path, overrides))
 
 
-def given_keys(path: str | None = None, overrides: list[str] = ()) -> dict[str, Any]:
+def given_keys(path: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The dotted keys a YAML file and ``key=value`` overrides set, unchecked (later wins)."""
     flat: dict[str, Any] = {}
     if path is not None:

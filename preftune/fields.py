@@ -85,7 +85,8 @@ def check_fields(config: Any, section: str = "") -> None:
     for a float field, and one item a one-item list for a list field. ``section`` is the
     dotted prefix of the keys (``"train"``; empty for a top-level config), for the messages.
     """
-    hints = _type_hints(type(config))
+    # A class is hashable; mypy takes type[Any] for unhashable (python/mypy#11470).
+    hints = _type_hints(type(config))  # type: ignore[arg-type]
     for f in dataclasses.fields(config):
         key = f"{section}.{f.name}" if section else f.name
         value = _settled(getattr(config, f.name), hints[f.name])

@@ -138,7 +138,7 @@ SCRIPT = """
 import sys
 import torch
 from accelerate import PartialState
-from preftune import commands
+from preftune.commands import common as commands
 from preftune.cli import main
 from preftune.objectives.dpo import PairedObjective
 

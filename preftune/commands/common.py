@@ -7,19 +7,18 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from preftune.config import flatten, to_dict
 from preftune.data.check import describe_skipped
 from preftune.data.digest import examples_digest
 from preftune.data.encode import Budget, TruncationReport
-from preftune.data.records import Record
 from preftune.data.settings import DataSettings
 from preftune.errors import ConfigError, DataError, PreftuneError, TrainingError
 from preftune.fields import check_fields, option
@@ -30,6 +29,7 @@ from preftune.models.settings import LoraSettings, ModelSettings
 from preftune.objectives.base import Objective
 from preftune.train import state
 from preftune.train.card import write_model_card
+from preftune.train.checkpoint import ResumePoint
 from preftune.train.loop import Run, train
 from preftune.train.plots import plot_metrics
 from preftune.train.resume import find_resume_point, run_identity
@@ -73,25 +73,39 @@ class Command:
     name: str
     summary: str
     config: type
-    run: Callable[[Any], Any]
+    # A training command's runner takes the config alone; data check's also the paths and kind.
+    run: Callable[..., Any]
 
 
-class Load(Protocol):
+Records = TypeVar("Records")
+Records_co = TypeVar("Records_co", covariant=True)
+Records_contra = TypeVar("Records_contra", contravariant=True)
+Example = TypeVar("Example")
+
+
+class Load(Protocol[Records_co]):
+    """A reader of :mod:`preftune.data.readers` (``load_pairs``, …): a dataset's records and
+    its layout."""
+
     def __call__(
-        self, spec: str, split: str = ..., skipped: list[DataError] | None = ...
-    ) -> tuple[Sequence[Record], str]: ...
+        self, spec: str, split: str, skipped: list[DataError] | None, /
+    ) -> tuple[Records_co, str]: ...
 
 
-class Encode(Protocol):
+class Encode(Protocol[Records_contra, Example]):
+    """An encoder of :mod:`preftune.data.encode` (``encode_pairs``, …) that takes the records
+    of its reader."""
+
     def __call__(
         self,
-        records: Any,
+        records: Records_contra,
         tokenizer: PreTrainedTokenizerBase,
         budget: Budget,
+        /,
         *,
         source: str = ...,
         skipped: list[DataError] | None = ...,
-    ) -> tuple[list[Any], TruncationReport]: ...
+    ) -> tuple[list[Example], TruncationReport]: ...
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -128,7 +142,7 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
     )
 
 
-def maybe_lora(cfg: RunConfig, model: PreTrainedModel, task: str = "CAUSAL_LM") -> Any:
+def maybe_lora(cfg: RunConfig, model: torch.nn.Module, task: str = "CAUSAL_LM") -> Any:
     """``model`` with LoRA adapters when ``lora.r`` > 0, else as it is."""
     return apply_lora(model, cfg.lora, task) if cfg.lora.r > 0 else model
 
@@ -137,9 +151,9 @@ def train_and_eval_sets(
     cfg: RunConfig,
     tokenizer: PreTrainedTokenizerBase,
     acc: Accelerator,
-    load: Load,
-    encode: Encode,
-) -> tuple[list[Any], list[Any] | None]:
+    load: Load[Records],
+    encode: Encode[Records, Example],
+) -> tuple[list[Example], list[Example] | None]:
     """``data.train`` and ``data.eval`` (None when unset), each read with ``load`` and encoded
     with ``encode`` (:func:`encoded_dataset`)."""
     train_set = encoded_dataset(cfg, tokenizer, cfg.data.train, "train", acc, load, encode)
@@ -155,9 +169,9 @@ def encoded_dataset(
     source: str | None,
     split: str,
     acc: Accelerator,
-    load: Load,
-    encode: Encode,
-) -> list[Any] | None:
+    load: Load[Records],
+    encode: Encode[Records, Example],
+) -> list[Example] | None:
     """Read, validate and tokenize one dataset (None when ``source`` is), reporting what
     truncation did to it and, with ``data.on_error=skip``, which malformed rows were left out
     and why."""
@@ -199,15 +213,7 @@ def train_and_save(
     (config and training data) and refused in one line if it differs."""
     output_dir = Path(cfg.output_dir)
     config = to_dict(cfg)
-    identity = run_identity(flatten(config), examples_digest(train_set))
-    resume = find_resume_point(output_dir, identity, cfg.train.allow_data_change, acc)
-    if acc.is_main_process:
-        # The run's own checks have passed: from here on the directory is the run's.
-        output_dir.mkdir(parents=True, exist_ok=True)
-        mark(output_dir, command)
-        write_text_atomically(
-            output_dir / "preftune_config.yaml", yaml.safe_dump(config, sort_keys=False)
-        )
+    identity, resume = _start(cfg, command, config, train_set, acc)
     source = ExampleBatches(
         train_set,
         objective.collate,
@@ -243,6 +249,28 @@ def train_and_save(
     if finish:
         acc.end_training()
     return metrics
+
+
+def _start(
+    cfg: RunConfig,
+    command: str,
+    config: dict[str, Any],
+    train_set: Sequence[Any],
+    acc: Accelerator,
+) -> tuple[dict[str, Any], ResumePoint | None]:
+    """The run's identity and the checkpoint it resumes from, checked against each other
+    before anything is written; then the directory is marked as the run's and its config
+    written."""
+    output_dir = Path(cfg.output_dir)
+    identity = run_identity(flatten(config), examples_digest(train_set))
+    resume = find_resume_point(output_dir, identity, cfg.train.allow_data_change, acc)
+    if acc.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        mark(output_dir, command)
+        write_text_atomically(
+            output_dir / "preftune_config.yaml", yaml.safe_dump(config, sort_keys=False)
+        )
+    return identity, resume
 
 
 def _save_model(

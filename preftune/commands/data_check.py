@@ -21,8 +21,8 @@ def run_data_check(cfg: RunConfig, specs: Sequence[str], kind: str) -> int:
     status: 0 when no problem was found, 1 otherwise."""
     sources = [(spec, "train") for spec in specs]
     if not sources:
-        sources = [(cfg.data.train, "train"), (cfg.data.eval, "test")]
-        sources = [(spec, split) for spec, split in sources if spec is not None]
+        configured = [(cfg.data.train, "train"), (cfg.data.eval, "test")]
+        sources = [(spec, split) for spec, split in configured if spec is not None]
     if not sources:
         raise ConfigError("nothing to check: name a dataset, or set data.train")
     budget = cfg.data.budget()

@@ -123,8 +123,8 @@ def prepare_base_model(cfg: DemoConfig, reviews: list[str], directory: Path) -> 
                 raise ConfigError(f"model.{key} sizes only the tiny preset; model.path is {m.path}")
         return m.path
     tokenizer = build_tokenizer(reviews)
-    sizes = {key: value or TINY_SIZES[key] for key, value in sizes.items()}
-    model = build_model(tokenizer, cfg.seed, max_positions=2 * MAX_LENGTH, **sizes)
+    tiny_sizes = {key: value or TINY_SIZES[key] for key, value in sizes.items()}
+    model = build_model(tokenizer, cfg.seed, max_positions=2 * MAX_LENGTH, **tiny_sizes)
     tokenizer.save_pretrained(directory)
     model.save_pretrained(directory)
     return str(directory)

@@ -76,7 +76,9 @@ def setup_paired(
         root = cache_root(cfg.speed.cache_dir)
         dtype = resolve_dtype(cfg.model.dtype, acc.device)
         score = _reference_score(model, objective.score)
-        reference = ReferencePass(model, score, objective.collate, batch_size, acc)
+        reference = ReferencePass(
+            model=model, score=score, collate=objective.collate, batch_size=batch_size, acc=acc
+        )
         train_set = reference.attach(
             train_set, root / f"{cache_key(base_hash, train_set, dtype)}.safetensors", "train"
         )

@@ -55,13 +55,16 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for key, value in (
-            ("model.path", self.model.path),
-            ("score.input", self.score.input),
-            ("score.output", self.score.output),
-        ):
-            if value is None:
-                raise ConfigError(f"{key} is required (preftune score --help lists the keys)")
+        required("model.path", self.model.path)
+        required("score.input", self.score.input)
+        required("score.output", self.score.output)
+
+
+def required(key: str, value: str | None) -> str:
+    """The value of ``key``, which has no default: refused while unset."""
+    if value is None:
+        raise ConfigError(f"{key} is required (preftune score --help lists the keys)")
+    return value
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, float]:
@@ -70,10 +73,13 @@ def run_score(cfg: ScoreConfig) -> dict[str, float]:
     ``score_responses`` for a ranked row. Prints and returns the mean score and, for preference
     data, the accuracy: how often the preferred response scores higher."""
     s = cfg.score
-    rows = read_rows(s.input)
-    records, layout, _ = records_from_rows(s.input, rows, "auto")
+    model_path = required("model.path", cfg.model.path)
+    input_path = required("score.input", s.input)
+    output_path = required("score.output", s.output)
+    rows = read_rows(input_path)
+    records, layout, _ = records_from_rows(input_path, rows, "auto")
     scorer = RewardScorer(
-        cfg.model.path,
+        model_path,
         s.max_length,
         s.max_prompt_length,
         s.truncation,
@@ -82,15 +88,15 @@ def run_score(cfg: ScoreConfig) -> dict[str, float]:
     )
     prompts: list[Text] = []
     completions: list[Text] = []
-    numbers: list[int] = []
+    numbers: list[int | None] = []
     for record in records:
         for response in record.responses:
             prompts.append(record.prompt)
             completions.append(response)
             numbers.append(record.row)
-    scores, report = scorer.score_with_report(prompts, completions, numbers, s.input)
+    scores, report = scorer.score_with_report(prompts, completions, numbers, input_path)
     print(
-        f"{s.input}: layout {layout}; {len(records)} rows, {len(scores)} responses scored: "
+        f"{input_path}: layout {layout}; {len(records)} rows, {len(scores)} responses scored: "
         f"{report.prompts_truncated} with the prompt truncated, {report.responses_truncated} "
         f"with the response truncated (score.max_length={s.max_length}, "
         f"score.max_prompt_length={s.max_prompt_length})"
@@ -101,14 +107,15 @@ def run_score(cfg: ScoreConfig) -> dict[str, float]:
     remaining = iter(scores)
     for record in records:
         own = [next(remaining) for _ in record.responses]
+        assert record.row is not None  # every record read from rows has its row's number
         lines.append(json.dumps(by_number[record.row] | fields(record, own), ensure_ascii=False))
         if isinstance(record, Pair | Ranked):
             wins += [own[better] > own[worse] for better, worse in order(record)]
-    output = Path(s.output)
+    output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     summary = {"mean_score": statistics.fmean(scores)}
-    text = f"scored {len(records)} rows with {cfg.model.path}: mean score "
+    text = f"scored {len(records)} rows with {model_path}: mean score "
     text += f"{summary['mean_score']:.4f}"
     if wins:
         summary["accuracy"] = sum(wins) / len(wins)

@@ -107,16 +107,18 @@ def _iteration(cfg, iteration, acc, tokenizer, train_demos, eval_demos) -> dict[
     set_seed(cfg.seed + iteration)
     model = _iterate(cfg, iteration - 1, tokenizer).to(acc.device)
     record: dict[str, Any] = {"iteration": iteration}
-    sets = []
-    for label, demos in (("train", train_demos), ("eval", eval_demos)):
-        pairs = None
-        if demos is not None:
-            pairs, counts = _self_play_pairs(cfg, iteration, acc, model, tokenizer, demos, label)
-            prefix = "" if label == "train" else "eval/"
-            record |= {f"{prefix}{key}": value for key, value in counts.items()}
-        sets.append(pairs)
+    train_pairs, counts = _self_play_pairs(
+        cfg, iteration, acc, model, tokenizer, train_demos, "train"
+    )
+    record |= counts
+    eval_pairs = None
+    if eval_demos is not None:
+        eval_pairs, counts = _self_play_pairs(
+            cfg, iteration, acc, model, tokenizer, eval_demos, "eval"
+        )
+        record |= {f"eval/{key}": value for key, value in counts.items()}
     model, objective, train_set, eval_set = setup_paired(
-        cfg, acc, model, tokenizer.pad_token_id, *sets
+        cfg, acc, model, tokenizer.pad_token_id, train_pairs, eval_pairs
     )
     run_cfg = replace(cfg, output_dir=str(directory))
     args = (run_cfg, "spin", acc, model, tokenizer, objective, train_set, eval_set)

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.data.encode import Budget, fit
 from preftune.data.readers import load_records
-from preftune.data.records import Demo, Pair, Ranked, Rated, preferences, tied_pairs
+from preftune.data.records import Pair, Ranked, Rated, Record, preferences, tied_pairs
 from preftune.data.tokenize import Tokenized, tokenize
 from preftune.errors import DataError
 
@@ -69,12 +69,13 @@ def check_dataset(
         summary.append(f"  fitted to {budget.describe()}: {report.summary()}")
     summary.append(f"  duplicated {noun}: {describe_duplicates(duplicates(records))}")
     if layout == "ranked":
-        summary += ranked_summary(records)
+        summary += ranked_summary([record for record in records if isinstance(record, Ranked)])
     elif kind == "pairs":
-        same = [pair.row for pair in records if pair.chosen == pair.rejected]
+        pairs = [record for record in records if isinstance(record, Pair)]
+        same = [pair.row for pair in pairs if pair.chosen == pair.rejected]
         summary.append(f"  chosen identical to rejected: {describe_rows(same)}")
     elif kind == "unpaired":
-        desirable = sum(record.label for record in records)
+        desirable = sum(record.label for record in records if isinstance(record, Rated))
         summary.append(f"  desirable: {desirable}; undesirable: {len(records) - desirable}")
     problems.sort(key=lambda problem: problem.row or 0)
     listed = " (one line each, on stderr)" if problems else ""
@@ -121,7 +122,7 @@ def percentiles(values: Sequence[int]) -> list[int]:
     return [ordered[rank - 1] for rank in ranks] + [ordered[-1]]
 
 
-def duplicates(records: Sequence[Pair] | Sequence[Demo]) -> list[tuple[int | None, int | None]]:
+def duplicates(records: Sequence[Record]) -> list[tuple[int | None, int | None]]:
     """``(row, earlier row)`` for each record equal to an earlier one."""
     first: dict[str, int | None] = {}
     repeats = []
@@ -134,7 +135,7 @@ def duplicates(records: Sequence[Pair] | Sequence[Demo]) -> list[tuple[int | Non
     return repeats
 
 
-def _value(record: Pair | Ranked | Demo | Rated) -> list:
+def _value(record: Record) -> list:
     if isinstance(record, Rated):
         return [record.prompt, record.completion, record.label]
     if isinstance(record, Pair):

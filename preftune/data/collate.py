@@ -28,10 +28,11 @@ def collate_pairs(examples: Sequence[EncodedPair], pad_id: int) -> dict[str, tor
 
 def reference_logps(examples: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
     """``{"reference_logps": (2B,)}``, chosen then rejected, when every pair carries them."""
-    if not examples or any(example.reference_logps is None for example in examples):
+    known = [e.reference_logps for e in examples if e.reference_logps is not None]
+    if not examples or len(known) < len(examples):
         return {}
-    chosen = [example.reference_logps[0] for example in examples]
-    rejected = [example.reference_logps[1] for example in examples]
+    chosen = [logps[0] for logps in known]
+    rejected = [logps[1] for logps in known]
     return {"reference_logps": torch.tensor([*chosen, *rejected], dtype=torch.float32)}
 
 

@@ -169,15 +169,16 @@ def encode_pairs(
     the prompt's id list; the report is then an :class:`ExpansionReport`.
     """
     encoded, report = tokenize_and_fit(pairs, tokenizer, budget, source, skipped)
-    if not any(isinstance(record, Ranked) for record in pairs):
-        return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in encoded], report
+    # A pair's ranking puts chosen first, so a pair becomes the one pair it is.
     expanded = [
         EncodedPair(e.prompt, e.responses[better], e.responses[worse], row=e.row)
         for e in encoded
-        for better, worse in preferences(e.record.ranking)
+        for better, worse in preferences(_ranking(e))
     ]
+    if not any(isinstance(record, Ranked) for record in pairs):
+        return expanded, report
     identical = sum(pair.chosen_ids == pair.rejected_ids for pair in expanded)
-    tied = sum(tied_pairs(e.record.ranking) for e in encoded)
+    tied = sum(tied_pairs(_ranking(e)) for e in encoded)
     report = replace(report, identical=identical)
     return expanded, ExpansionReport(**vars(report), pairs=len(expanded), tied=tied)
 
@@ -192,7 +193,7 @@ def encode_demos(
 ) -> tuple[list[EncodedDemo], TruncationReport]:
     """Token ids for each demonstration, fitted as in :func:`encode_pairs`."""
     encoded, report = tokenize_and_fit(demos, tokenizer, budget, source, skipped)
-    return [EncodedDemo(e.prompt, *e.responses, row=e.row) for e in encoded], report
+    return [EncodedDemo(e.prompt, e.responses[0], row=e.row) for e in encoded], report
 
 
 def encode_rated(
@@ -206,7 +207,7 @@ def encode_rated(
     """Token ids for each judged completion, fitted as in :func:`encode_pairs`, in source
     order."""
     encoded, report = tokenize_and_fit(records, tokenizer, budget, source, skipped)
-    rated = [EncodedRated(e.prompt, e.responses[0], e.record.label, e.row) for e in encoded]
+    rated = [EncodedRated(e.prompt, e.responses[0], _desirable(e), e.row) for e in encoded]
     return rated, report
 
 
@@ -224,11 +225,22 @@ def encode_comparisons(
     encoded, report = tokenize_and_fit(records, tokenizer, budget, source, skipped)
     comparisons = []
     for e in encoded:
-        pair = isinstance(e.record, Pair)
-        ranking = PAIR_RANKING if pair else e.record.ranking
-        margin = e.record.margin if pair else 0.0
-        comparisons.append(EncodedComparison(e.prompt, e.responses, ranking, margin, e.row))
+        margin = e.record.margin if isinstance(e.record, Pair) else 0.0
+        comparisons.append(EncodedComparison(e.prompt, e.responses, _ranking(e), margin, e.row))
     return comparisons, report
+
+
+def _ranking(example: Tokenized) -> Ranking:
+    """The ranking of the responses of the record ``example`` was tokenized from: a ranked
+    record's own, a pair's chosen first."""
+    return example.record.ranking if isinstance(example.record, Ranked) else PAIR_RANKING
+
+
+def _desirable(example: Tokenized) -> bool:
+    """The label of the judged completion ``example`` was tokenized from."""
+    if not isinstance(example.record, Rated):
+        raise TypeError(f"expected a judged completion (Rated), got {example.record!r}")
+    return example.record.label
 
 
 def label_counts(examples: Sequence[EncodedRated]) -> tuple[int, int]:
@@ -257,10 +269,11 @@ def fit(examples: Iterable[Tokenized], budget: Budget) -> tuple[list[Tokenized],
     for example in examples:
         rows += 1
         prompt, responses = example.prompt, example.responses
-        prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
+        prompt_limit = len(prompt) if max_prompt_length is None else max_prompt_length
+        prompt_cut = len(prompt) > prompt_limit
         if prompt_cut:
-            start = len(prompt) - max_prompt_length if budget.truncation == "keep_end" else 0
-            prompt = prompt[start : start + max_prompt_length]
+            start = len(prompt) - prompt_limit if budget.truncation == "keep_end" else 0
+            prompt = prompt[start : start + prompt_limit]
         room = max_length - len(prompt)
         if room < 1:
             continue

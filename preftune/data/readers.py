@@ -37,7 +37,7 @@ LABEL_WORDS = {"true": True, "false": False}
 
 def load_records(
     spec: str, split: str = "train", kind: str = "auto", skipped: Skipped = None
-) -> tuple[list[Record], str, str]:
+) -> tuple[Sequence[Record], str, str]:
     """The records of ``spec`` (see ``read_rows``) as ``kind``, with the layout's name and the
     kind: ``pairs`` (:class:`Pair`, or :class:`Ranked` for ranked rows), ``sft``
     (:class:`Demo`) or ``unpaired`` (:class:`Rated`); ``auto`` reads the kind off the first
@@ -48,7 +48,7 @@ def load_records(
 
 def records_from_rows(
     spec: str, rows: Rows, kind: str = "auto", skipped: Skipped = None
-) -> tuple[list[Record], str, str]:
+) -> tuple[Sequence[Record], str, str]:
     """Records from rows already read (see :func:`load_records`)."""
     if kind == "auto":
         kind = first_kind(rows)
@@ -57,7 +57,9 @@ def records_from_rows(
     return records, layout, kind
 
 
-def load_pairs(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Pair], str]:
+def load_pairs(
+    spec: str, split: str = "train", skipped: Skipped = None
+) -> tuple[list[Pair] | list[Ranked], str]:
     """Preference pairs for a paired loss and the detected layout.
 
     Layouts: ``standard`` (prompt/chosen/rejected strings), ``conversational`` (the same as
@@ -67,7 +69,7 @@ def load_pairs(spec: str, split: str = "train", skipped: Skipped = None) -> tupl
     A paired loss has no use for a ``margin`` column: the layout's name then notes that it is
     ignored (reward models read the same records, margins included).
     """
-    pairs, layout, _ = load_records(spec, split, "pairs", skipped)
+    pairs, layout = pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
     return pairs, noting_unused_margins(layout, pairs)
 
 
@@ -75,41 +77,46 @@ def load_preferences(
     spec: str, split: str = "train", skipped: Skipped = None
 ) -> tuple[list[Pair] | list[Ranked], str]:
     """Pairs, each with its ``margin`` (0 without one), and ranked rows, for a reward model."""
-    records, layout, _ = load_records(spec, split, "pairs", skipped)
-    return records, layout
+    return pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
 
 
 def load_demos(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Demo], str]:
     """Demonstrations and the detected layout: ``prompt_completion`` (strings or message lists)
     or ``messages`` (one conversation; its last message, the assistant's, is the completion)."""
-    demos, layout, _ = load_records(spec, split, "sft", skipped)
-    return demos, layout
+    return demos_from_rows(spec, read_rows(spec, split, skipped), skipped)
 
 
 def load_rated(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Rated], str]:
     """Judged completions and the layout: ``unpaired`` rows (``prompt``, ``completion``, a boolean
     ``label``) as they are, or pairs (any layout of :func:`load_pairs`) split by
     :func:`split_pairs`."""
-    rated, layout, _ = load_records(spec, split, "unpaired", skipped)
-    return rated, layout
+    return rated_from_rows(spec, read_rows(spec, split, skipped), skipped)
 
 
 def pairs_from_rows(
     spec: str, rows: Rows, skipped: Skipped = None
 ) -> tuple[list[Pair] | list[Ranked], str]:
     """Pairs from rows already read (see ``load_pairs``), each with its row's ``margin`` (0
-    without one), checked here so that every command and ``data check`` refuse the same rows."""
+    without one), checked here so that every command and ``data check`` refuse the same rows;
+    ranked rows become :class:`Ranked` records."""
     layout, first = first_layout(spec, rows, pair_layout, skipped)
+    if layout == "ranked":
+        fields = PAIR_FIELDS
+        ranked = convert_rows(spec, rows[first:], layout, fields, pair_layout, read_ranked, skipped)
+        return ranked, layout
+    return _pairs(spec, rows, layout, first, skipped), layout
+
+
+def _pairs(spec: str, rows: Rows, layout: str, first: int, skipped: Skipped) -> list[Pair]:
+    """The pairs of ``rows[first:]``, rows of ``layout`` (any but ranked)."""
     if first == len(rows):
-        return [], layout
+        return []
     read = PAIR_READERS[layout]
     # Whether implicit pairs are text or conversations is also fixed by the first row.
     if layout == "implicit" and isinstance(rows[first][1]["chosen"], list):
         read = _implicit_conversation
-    if layout != "ranked":
-        read = partial(_with_margin, read)
-    pairs = convert_rows(spec, rows[first:], layout, PAIR_FIELDS, pair_layout, read, skipped)
-    return pairs, layout
+    with_margin = partial(_with_margin, read)
+    return convert_rows(spec, rows[first:], layout, PAIR_FIELDS, pair_layout, with_margin, skipped)
 
 
 def noting_unused_margins(layout: str, pairs: Sequence[Pair] | Sequence[Ranked]) -> str:
@@ -137,10 +144,11 @@ def demos_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[lis
 def rated_from_rows(spec: str, rows: Rows, skipped: Skipped = None) -> tuple[list[Rated], str]:
     """Judged completions from rows already read (see ``load_rated``)."""
     if first_kind(rows) == "pairs":
-        pairs, layout = pairs_from_rows(spec, rows, skipped)
+        layout, first = first_layout(spec, rows, pair_layout, skipped)
         if layout == "ranked":
             message = "ranked rows (responses) are for dpo and rm; KTO reads judged completions"
             raise DataError(spec, f"{message} (prompt, completion, label) or pairs")
+        pairs = _pairs(spec, rows, layout, first, skipped)
         layout = f"{layout} pairs, split into desirable (chosen) and undesirable (rejected)"
         return split_pairs(pairs), noting_unused_margins(layout, pairs)
     layout, first = first_layout(spec, rows, unpaired_layout, skipped)
@@ -237,12 +245,11 @@ def _split(check: RowChecker, prompt: str, chosen: str, rejected: str) -> Pair:
     return pair
 
 
-PAIR_READERS = {
+PAIR_READERS: dict[str, Callable[[RowChecker], Pair]] = {
     "standard": _standard,
     "conversational": _conversational,
     "implicit": _implicit_text,
     "hh": _hh,
-    "ranked": read_ranked,
 }
 
 

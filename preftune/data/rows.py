@@ -11,11 +11,11 @@ the one place a field is validated: its errors name the source, the row and the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from preftune.data.records import Message, Text
+from preftune.data.records import Message, Record, Text
 from preftune.data.sources import Row, Rows, Skipped, keep_or_raise
 from preftune.errors import DataError
 
@@ -36,7 +36,7 @@ UNPAIRED_FIELDS = {"unpaired": ("prompt", "completion", "label")}
 # Reward training holds margins as float32: a larger one, finite here, would be infinite there.
 FLOAT32_MAX = 3.4028234663852886e38
 Detector = Callable[[str, int, Row], str]
-R = TypeVar("R")
+R = TypeVar("R", bound=Record)
 
 
 def first_kind(rows: Rows) -> str:
@@ -68,7 +68,7 @@ def convert_rows(
     spec: str,
     rows: Rows,
     layout: str,
-    fields: dict[str, tuple[str, ...]],
+    fields: Mapping[str, tuple[str, ...]],
     detect: Detector,
     read: Callable[[RowChecker], R],
     skipped: Skipped,

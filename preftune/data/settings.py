@@ -34,4 +34,8 @@ class DataSettings:
 
     def budget(self) -> Budget:
         """The length settings, as the encoders take them."""
-        return Budget(self.max_length, self.max_prompt_length, self.truncation)
+        return Budget(
+            max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+            truncation=self.truncation,
+        )

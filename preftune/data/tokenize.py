@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -132,11 +133,12 @@ def _render(
     prompt: Text, responses: tuple[Text, ...], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[str, list[str], bool]:
     """The prompt text, each response's text, and whether they came from a chat template."""
-    chat = isinstance(prompt, list)
-    if any(isinstance(response, list) != chat for response in responses):
+    plain = [response for response in responses if isinstance(response, str)]
+    if isinstance(prompt, str) and len(plain) == len(responses):
+        return prompt, plain, False
+    conversations = [response for response in responses if isinstance(response, list)]
+    if isinstance(prompt, str) or len(conversations) != len(responses):
         raise _Unrenderable("prompt and responses must all be text or all be conversations")
-    if not chat:
-        return prompt, list(responses), False
     if tokenizer.chat_template is None:
         raise PreftuneError(
             "the data is conversational but the tokenizer has no chat template; "
@@ -144,7 +146,7 @@ def _render(
         )
     prompt_text = _apply_template(tokenizer, prompt, add_generation_prompt=True)
     texts = []
-    for response in responses:
+    for response in conversations:
         full = _apply_template(tokenizer, [*prompt, *response], add_generation_prompt=False)
         if not full.startswith(prompt_text):
             raise _Unrenderable(
@@ -160,9 +162,11 @@ def _apply_template(
     tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool
 ) -> str:
     try:
-        return tokenizer.apply_chat_template(
+        rendered = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as error:  # a template is code shipped with the model; any failure is data's
         text = " ".join(str(error).split()) or type(error).__name__
         raise _Unrenderable(f"the chat template failed: {text}") from None
+    # transformers types the result of every mode at once; without tokenize it is the text.
+    return cast(str, rendered)

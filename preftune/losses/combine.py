@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import operator
 from collections.abc import Sequence
 
 from preftune.losses.base import PAIRED_LOSSES, LossOutput, LossParams, PairedLoss, PairLogps
@@ -39,7 +41,8 @@ def combined_loss(names: Sequence[str], weights: Sequence[float] = ()) -> Paired
 
     def combined(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
         outputs = [part.fn(policy, reference, params) for part in parts]
-        losses = sum(w * out.losses for w, out in zip(weights, outputs, strict=True))
+        weighted = [w * out.losses for w, out in zip(weights, outputs, strict=True)]
+        losses = functools.reduce(operator.add, weighted)
         first = outputs[0]
         return LossOutput(losses, first.chosen_rewards, first.rejected_rewards)
 

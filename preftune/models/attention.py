@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks
 
 from preftune.data.layout import visibility
 from preftune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Kernels whose masks transformers builds from a mask function: any pattern can be expressed.
 MASKED_KERNELS = ("sdpa", "eager", "flex_attention")
@@ -115,10 +118,12 @@ def layout_attention(
             mapping[kernel] = previous
 
 
-def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+def inner_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside distributed and adapter wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
+    # The wrappers are known by their attributes, which torch types only as Tensor | Module.
+    inner: Any = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -11,6 +11,9 @@ from tqdm.auto import tqdm
 from preftune.data.collate import collate_demos
 from preftune.data.encode import EncodedDemo
 from preftune.models.logps import sequence_logps
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def sample(
     """
     jobs = [prompt for prompt in prompts for _ in range(num_samples)]
     encoded = [tokenizer(prompt).input_ids for prompt in jobs]
-    settings = Sampling(max_new_tokens, temperature)
+    settings = Sampling(max_new_tokens=max_new_tokens, temperature=temperature)
     generated = generate_ids(model, encoded, tokenizer, settings, batch_size, seed, desc)
     return [
         Completion(prompt, ids, new, tokenizer.decode(new, skip_special_tokens=True))
@@ -102,14 +105,15 @@ def generate_ids(
             # Left padding keeps every prompt's last token at the same position for generate.
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk])
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk])
-            generated = model.generate(
+            # A causal LM's own method; torch types any attribute of a Module as Tensor | Module.
+            sequences = cast("GenerationMixin", model).generate(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 eos_token_id=eos,
                 pad_token_id=pad,
                 **settings.generate_kwargs(),
-            )[:, width:].tolist()
-            out.extend(_until_eos(new, eos) for new in generated)
+            )
+            out.extend(_until_eos(new, eos) for new in sequences[:, width:].tolist())
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)

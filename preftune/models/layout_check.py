@@ -11,6 +11,7 @@ layouts off for that model.
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -18,6 +19,9 @@ from preftune.data.encode import EncodedPair
 from preftune.data.layout import layout_pairs
 from preftune.models.attention import inner_model, layout_attention
 from preftune.models.logps import FinalHidden, OutputLayer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # (prompt, chosen, rejected) lengths of the made-up pairs: prompts and responses of different
 # lengths, so that packing puts several documents in a row and positions restart mid-row.
@@ -56,8 +60,9 @@ def layout_error(model: torch.nn.Module, share_prefix: bool, packing: bool) -> s
     return None
 
 
-def _made_up_pairs(model: torch.nn.Module) -> list[EncodedPair]:
-    vocab = model.get_input_embeddings().num_embeddings
+def _made_up_pairs(model: PreTrainedModel) -> list[EncodedPair]:
+    # transformers types the input embeddings as any Module; they are an Embedding.
+    vocab = cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings
     generator = torch.Generator().manual_seed(0)
 
     def ids(count: int) -> list[int]:

@@ -76,6 +76,7 @@ def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedMo
     ``pad_token_id`` set on its config from the tokenizer where the checkpoint has none.
     """
     sizes = {k: v for k, v in (spec.tiny_sizes or {}).items() if v is not None}
+    model: PreTrainedModel
     if spec.path == TINY:
         build = build_reward_model if reward else build_model
         model = build(tokenizer, seed=spec.seed, **{**TINY_DEFAULTS, **sizes})

@@ -109,7 +109,7 @@ class OutputLayer:
 
     def __init__(self, model: torch.nn.Module) -> None:
         inner = inner_model(model)
-        self.layer = inner.get_output_embeddings()
+        self.layer: torch.nn.Module = inner.get_output_embeddings()
         config = inner.config
         self.scale = getattr(config, "logit_scale", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
@@ -135,8 +135,15 @@ class FinalHidden:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.layer = inner_model(model).get_output_embeddings()
-        self.hidden: torch.Tensor | None = None
+        self.layer: torch.nn.Module = inner_model(model).get_output_embeddings()
+        self._hidden: torch.Tensor | None = None
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The output layer's input, recorded by the forward run within the context."""
+        if self._hidden is None:
+            raise RuntimeError("the model's forward never reached its output layer")
+        return self._hidden
 
     def __enter__(self) -> FinalHidden:
         self.handle = self.layer.register_forward_pre_hook(self._record)
@@ -144,9 +151,9 @@ class FinalHidden:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
-        if self.hidden is None and exc[0] is None:
+        if self._hidden is None and exc[0] is None:
             raise RuntimeError("the model's forward never reached its output layer")
 
     def _record(self, module: torch.nn.Module, args: tuple) -> tuple:
-        self.hidden = args[0]
+        self._hidden = args[0]
         return (args[0][..., :0, :], *args[1:])

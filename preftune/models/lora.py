@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 
 from preftune.models.settings import LoraSettings
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def apply_lora(
@@ -18,7 +22,8 @@ def apply_lora(
 
     config = LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        # peft annotates lora_alpha as int but only scales by it (alpha / r): floats work.
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules,
         task_type=task,
@@ -26,12 +31,12 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
-def is_lora(model: torch.nn.Module) -> bool:
+def is_lora(model: torch.nn.Module) -> TypeGuard[PeftModel]:
     return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
 
 
-def save_merged(model: torch.nn.Module, output_dir: Path) -> torch.nn.Module:
+def save_merged(model: PeftModel, output_dir: Path) -> torch.nn.Module:
     """Write the adapters to ``output_dir/adapter`` and return the model with them merged into
     its weights, to be saved as an ordinary model directory."""
-    model.save_pretrained(output_dir / "adapter")
+    model.save_pretrained(str(output_dir / "adapter"))
     return model.merge_and_unload()

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from preftune.models.logps import sequence_logps
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 Batch = dict[str, torch.Tensor]
 Score = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
@@ -43,7 +46,7 @@ class AdapterDisabled:
     """The base model under a LoRA policy: the same weights with the adapters switched off, so
     no second copy of the model exists."""
 
-    def __init__(self, policy: torch.nn.Module, score: Score = sequence_logps) -> None:
+    def __init__(self, policy: PeftModel, score: Score = sequence_logps) -> None:
         self.model = policy
         self.score = score
 

@@ -92,7 +92,7 @@ class RewardScorer:
         self,
         prompts: Sequence[Text],
         completions: Sequence[Text],
-        rows: Sequence[int] | None = None,
+        rows: Sequence[int | None] | None = None,
         source: str = "texts",
     ) -> tuple[list[float], TruncationReport]:
         """The rewards and what fitting the texts to the length budget did; ``rows`` and

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -26,6 +26,14 @@ class Objective(Protocol):
     def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         """The loss summed over the batch's units, and detached metrics."""
         ...
+
+
+@runtime_checkable
+class OwnsModules(Protocol):
+    """An objective with trainable modules of its own besides the model (a value head, say):
+    the loop optimizes, prepares and checkpoints them with it, then sets the prepared ones back."""
+
+    modules: dict[str, torch.nn.Module]
 
 
 def mean_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

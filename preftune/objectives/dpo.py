@@ -40,7 +40,10 @@ class PairedObjective:
     ) -> None:
         self.spec = combined_loss(loss.type, loss.weights)
         self.params = LossParams(
-            loss.beta, loss.label_smoothing, loss.simpo_gamma, loss.discopop_tau
+            beta=loss.beta,
+            label_smoothing=loss.label_smoothing,
+            simpo_gamma=loss.simpo_gamma,
+            discopop_tau=loss.discopop_tau,
         )
         self.sft_weight = loss.sft_weight
         self.reference = reference

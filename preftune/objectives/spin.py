@@ -37,13 +37,16 @@ def spin_pairs(
         for demo, ids in zip(demos, generated, strict=True)
     ]
     kept, report = fit(examples, Budget(max_length, None, truncation))
-    return [EncodedPair(e.prompt, *e.responses, row=e.row) for e in kept], report
+    return [EncodedPair(e.prompt, e.responses[0], e.responses[1], row=e.row) for e in kept], report
 
 
 def sampling(settings: SPINSettings, max_length: int, demos: Sequence[EncodedDemo]) -> Sampling:
     room = max_length - min(len(demo.prompt_ids) for demo in demos)
     return Sampling(
-        settings.max_new_tokens or room, settings.temperature, settings.top_p, settings.do_sample
+        max_new_tokens=settings.max_new_tokens or room,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        do_sample=settings.do_sample,
     )
 
 
@@ -60,8 +63,10 @@ def generate_rejected(
     """A completion of each prompt by ``model``. Each process generates every
     ``num_processes``-th prompt, shortest first so that a batch pads little, and every process
     gets all the completions."""
-    mine = range(acc.process_index, len(prompts), acc.num_processes)
-    mine = sorted(mine, key=lambda index: len(prompts[index]))
+    mine = sorted(
+        range(acc.process_index, len(prompts), acc.num_processes),
+        key=lambda index: len(prompts[index]),
+    )
     with acc.autocast():
         ids = generate_ids(
             model,

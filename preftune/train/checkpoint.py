@@ -19,7 +19,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy
 import torch
@@ -103,7 +103,7 @@ def newest_intact(output_dir: str | Path) -> ResumePoint | None:
     """The newest checkpoint under ``output_dir`` that passes :func:`damage`; None when there is
     none at all. Damaged ones are passed over, each with its reason; when every one is damaged,
     a one-line :class:`TrainingError` lists them."""
-    passed_over = []
+    passed_over: list[str] = []
     for path in reversed(checkpoint_dirs(checkpoint_root(output_dir))):
         state, reason = read_verified(path)
         if state is not None:
@@ -210,7 +210,10 @@ def load_checkpoint(
 
 def rng_states() -> dict[str, Any]:
     """Every random generator's state, as tensors and plain numbers."""
-    kind, keys, position, has_gauss, gauss = numpy.random.get_state()
+    # numpy's stub types get_state() as legacy=False's dict; the default gives this tuple.
+    kind, keys, position, has_gauss, gauss = cast(
+        "tuple[str, numpy.ndarray, int, int, float]", numpy.random.get_state()
+    )
     return {
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from preftune.errors import ConfigError, TrainingError
-from preftune.objectives.base import Batch, Metrics, Objective
+from preftune.objectives.base import Batch, Metrics, Objective, OwnsModules
 from preftune.train import state
 from preftune.train.checkpoint import ResumePoint, newest_intact, remove_leftovers
 from preftune.train.guard import (
@@ -59,10 +59,14 @@ class Training:
     def __init__(self, run: Run) -> None:
         self.run = run
         acc, cfg, source = run.accelerator, run.config, run.source
-        if cfg.max_steps <= 0 and source.steps_per_epoch is None:
+        if cfg.max_steps > 0:
+            self.steps = cfg.max_steps
+        elif source.steps_per_epoch is None:
             raise ConfigError("train.max_steps is required: this data has no epochs")
-        self.steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * source.steps_per_epoch
-        owned = dict(getattr(run.objective, "modules", {}))
+        else:
+            self.steps = cfg.epochs * source.steps_per_epoch
+        objective = run.objective
+        owned = dict(objective.modules) if isinstance(objective, OwnsModules) else {}
         modules = {"model": run.model, **owned}
         optimizer = build_optimizer(list(modules.values()), cfg)
         self.scheduler = build_scheduler(optimizer, cfg, self.steps)
@@ -71,8 +75,8 @@ class Training:
         *prepared, self.optimizer = acc.prepare(*modules.values(), optimizer)
         self.modules = dict(zip(modules, prepared, strict=True))
         self.model = self.modules["model"]
-        if owned:
-            run.objective.modules = {name: self.modules[name] for name in owned}
+        if owned and isinstance(objective, OwnsModules):
+            objective.modules = {name: self.modules[name] for name in owned}
         trackers = []
         if acc.is_main_process:
             trackers = open_trackers(
@@ -135,7 +139,7 @@ def train(run: Run) -> dict[str, float]:
                     continue
                 if skip:
                     bad = BadStep(NON_FINITE_WEIGHTS, [])
-                stats["learning_rate"] = t.scheduler.get_last_lr()[0]
+                stats["learning_rate"] = float(t.scheduler.get_last_lr()[0])
                 t.scheduler.step()
                 if step > replay_until:
                     t.log.count_tokens(int(stats.pop("tokens")))

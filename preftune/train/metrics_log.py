@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -30,7 +31,7 @@ class MetricsLog:
         start_step: int,
         enabled: bool,
         desc: str,
-        trackers: list[Tracker] = (),
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"

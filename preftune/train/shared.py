@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -16,7 +16,8 @@ T = TypeVar("T")
 def decide_on_main(acc: Accelerator, decide: Callable[[], T]) -> T:
     """``decide()`` run on the main process only; every process returns its result, or raises
     the same one-line error when it raised one. The result must pickle."""
-    outcome: list[object] = [None, None]
+    # (result, error): the main process's, unpickled on every other one.
+    outcome: list[Any] = [None, None]
     if acc.is_main_process:
         try:
             outcome[0] = decide()
@@ -24,7 +25,7 @@ def decide_on_main(acc: Accelerator, decide: Callable[[], T]) -> T:
             outcome[1] = error
     if acc.num_processes > 1:
         broadcast_object_list(outcome)
-    result, error = outcome
-    if error is not None:
-        raise error
-    return result  # type: ignore[return-value]
+    result, failure = outcome
+    if failure is not None:
+        raise failure
+    return result

@@ -26,8 +26,12 @@ class BatchSource(Protocol):
     """What the loop asks of a source of training batches."""
 
     micro_batch_size: int
-    steps_per_epoch: int | None
-    """Optimizer steps in one pass over the data; None for a source without epochs."""
+
+    # Read-only, so that a source with epochs may hold it as a plain int.
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps in one pass over the data; None for a source without epochs."""
+        ...
 
     def batches(self, step: int) -> list[Batch]:
         """This process's micro-batches of 1-based optimizer step ``step``."""
@@ -108,8 +112,9 @@ class ExampleBatches:
                 i for part in micro_batches for i in order[part * micro : (part + 1) * micro]
             )
         rows = [getattr(self.examples[i], "row", None) for i in indices]
-        if all(row is not None for row in rows):
-            what, numbers = "data.train rows", sorted(rows)
+        known = [row for row in rows if row is not None]
+        if len(known) == len(rows):
+            what, numbers = "data.train rows", sorted(known)
         else:
             what, numbers = (
                 "training examples (0-based, among the rows kept from data.train)",
