@@ -114,7 +114,18 @@ def _run(args: argparse.Namespace) -> int:
         return run_data_check(config, paths, args.kind)
     command = REGISTRY[args.command]
     command.run(load_config(command.config, args.config, args.overrides))
+    _leave_processes()
     return 0
+
+
+def _leave_processes() -> None:
+    """Leave the run's process group together: a process that exits while the group's threads
+    still run can abort at exit (``terminate called without an active exception``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _one_line(error: BaseException) -> str:

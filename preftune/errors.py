@@ -34,6 +34,10 @@ class DataError(PreftuneError):
             where += f": field '{field}'"
         super().__init__(f"{where}: {message}")
 
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, str, int | None, str | None]]:
+        # Rebuilt from its parts, so it crosses between processes (worker pools, broadcasts).
+        return type(self), (self.source, self.message, self.row, self.field)
+
     @property
     def reason(self) -> str:
         """What was wrong, without the details that differ from row to row, to group by:

@@ -12,20 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TRAIN = ROOT / "examples" / "data" / "sums_train.jsonl"
 SAMPLE_EVAL = ROOT / "examples" / "data" / "sums_eval.jsonl"
 SAMPLE_SFT = ROOT / "examples" / "data" / "sums_sft.jsonl"
-# Two processes on one machine, as `accelerate launch` runs them without a GPU.
-LAUNCHER = [
-    str(Path(sys.prefix, "bin", "accelerate")),
-    "launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
+
+
+def accelerate_launch(*engine: str) -> list[str]:
+    """``accelerate launch`` of two processes on one machine with ``engine``'s options, as it
+    runs them without a GPU."""
+    accelerate = str(Path(sys.prefix, "bin", "accelerate"))
+    fixed = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    return [accelerate, "launch", *engine, *fixed, "--dynamo_backend", "no"]
+
+
+LAUNCHER = accelerate_launch("--multi_gpu")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -212,6 +212,15 @@ def test_out_of_range_values_name_key_range_and_value(override: str, message: st
         load_config(DPOConfig, None, [override])
 
 
+@pytest.mark.parametrize("value", ["5bananas", "0GB", "-1GB", "GB"])
+def test_a_shard_size_that_is_not_a_size_is_one_line_at_start(value: str) -> None:
+    """Refused before training, not when the model is saved at the end."""
+    message = f"train.max_shard_size='{value}' is not a size: give bytes with a unit"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_config(DPOConfig, None, [f"train.max_shard_size={value}"])
+    assert load_config(DPOConfig, None, ["train.max_shard_size=500MB"]).train.max_shard_size
+
+
 @pytest.mark.parametrize("value", ["0", "null", "0.5"])
 def test_max_grad_norm_zero_or_null_turns_clipping_off(value: str) -> None:
     cfg = load_config(DPOConfig, None, [f"train.max_grad_norm={value}"])

@@ -22,7 +22,7 @@ from preftune.errors import ConfigError, DataError
 from preftune.losses.kto import kto_loss
 from preftune.models.reference import FrozenCopy
 from preftune.models.tiny import build_model, build_tokenizer
-from preftune.objectives.kto import KTOObjective, balance_warning, mismatched_kl
+from preftune.objectives.kto import KTOObjective, balance_warning
 from preftune.objectives.settings import KTOSettings
 from preftune.train.sources import StepSampler
 from tests.conftest import (
@@ -177,24 +177,30 @@ def test_micro_batches_without_one_label_average_exactly(tokenizer, encoded) -> 
         assert (total / count).item() == pytest.approx((mixed[key][0] / count).item(), rel=1e-5)
 
 
-# One process of a two-process group, as accelerate starts it; argv: rank, port.
+# One process of a two-process group, as accelerate starts it; argv: rank, port. Its micro-batches'
+# mismatched log-ratios are given (process 0: two micro-batches, [1, 2, 3] and [4]; process 1:
+# one, [-5, 7]): the step's KL reference point is their mean, 2, on both processes.
 ALL_REDUCE_WORKER = """
 import os, sys, torch
 rank = sys.argv[1]
 os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                   MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 from accelerate import PartialState
-from preftune.objectives.kto import mismatched_kl
+from preftune.objectives.kto import KTOObjective
+from preftune.objectives.settings import KTOSettings
 state = PartialState(cpu=True)
-ratios = torch.tensor([1.0, 2.0, 3.0]) if rank == "0" else torch.tensor([-5.0, 7.0])
-shared, own = mismatched_kl(ratios, True).item(), mismatched_kl(ratios, False).item()
+ratios = [[1.0, 2.0, 3.0], [4.0]] if rank == "0" else [[-5.0, 7.0]]
+objective = KTOObjective(KTOSettings(), None, 0)
+objective._mismatched_ratios = lambda model, batch: torch.tensor(batch["ratios"])
+objective.begin_step(None, [{"ratios": r, "input_ids": torch.zeros(1)} for r in ratios])
 state.destroy_process_group()
-print(shared, own)
+print(objective.step_kl.item())
 """
 
 
-def test_kl_estimate_is_averaged_over_processes(tmp_path: Path) -> None:
-    assert mismatched_kl(torch.tensor([1.0, -4.0]), True).item() == -1.5  # no process group
+def test_kl_reference_point_is_the_mean_over_the_whole_step(tmp_path: Path) -> None:
+    """Over every mismatched pair of the step, all micro-batches on all processes: not the mean
+    of micro-batch means, so it does not depend on how the step is split."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
@@ -209,8 +215,27 @@ def test_kl_estimate_is_averaged_over_processes(tmp_path: Path) -> None:
     ]
     outputs = [worker.communicate(timeout=120)[0].split() for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0]
-    # Each process's micro-batch mean (2 and 1), then the mean of the two on both.
-    assert [[float(value) for value in output] for output in outputs] == [[1.5, 2.0], [1.5, 1.0]]
+    assert [float(output[0]) for output in outputs] == [2.0, 2.0]
+
+
+def test_training_uses_the_steps_kl_and_evaluation_its_own(tokenizer, encoded) -> None:
+    policy = build_model(tokenizer, seed=3)
+    objective = KTOObjective(
+        KTOSettings(), FrozenCopy(build_model(tokenizer, seed=5), torch.device("cpu")), 258
+    )
+    first, second = objective.collate(encoded[:3]), objective.collate(encoded[3:7])
+    objective.begin_step(policy, [first, second])
+    pooled = torch.cat(
+        [objective._mismatched_ratios(policy, batch) for batch in (first, second)]
+    ).mean()
+    assert objective.step_kl.item() == pytest.approx(pooled.item(), rel=1e-6)
+    _, trained = objective.compute(policy, first)
+    assert trained["kl"][0].item() == pytest.approx(pooled.item(), rel=1e-6)
+    with torch.no_grad():
+        _, evaluated = objective.compute(policy, first)
+    own = objective._mismatched_ratios(policy, first).mean()
+    assert evaluated["kl"][0].item() == pytest.approx(own.item(), rel=1e-6)
+    assert own.item() != pytest.approx(pooled.item(), rel=1e-3)
 
 
 def test_pairs_split_into_desirable_chosen_and_undesirable_rejected(tokenizer) -> None:

@@ -32,7 +32,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("preftune.objectives",),
     ("preftune.losses", "preftune.models"),
     ("preftune.data",),
-    ("preftune.config", "preftune.fields", "preftune.errors", "preftune.files", "preftune"),
+    (
+        "preftune.config",
+        "preftune.fields",
+        "preftune.errors",
+        "preftune.files",
+        "preftune.shares",
+        "preftune",
+    ),
 ]
 
 

@@ -1,5 +1,5 @@
 """What every training command shares: the keys of a run, the accelerator, the model to load,
-the datasets, and training then saving."""
+and training then saving (the datasets: :mod:`preftune.commands.datasets`)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,26 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedTokenizerBase
 
 from preftune.config import flatten, to_dict
-from preftune.data.check import describe_skipped
 from preftune.data.digest import examples_digest
-from preftune.data.encode import Budget, TruncationReport
 from preftune.data.settings import DataSettings
-from preftune.errors import ConfigError, DataError, PreftuneError, TrainingError
+from preftune.errors import ConfigError, PreftuneError, TrainingError
 from preftune.fields import check_fields, option
 from preftune.files import write_text_atomically
-from preftune.models.load import ModelSpec, resolve_dtype
+from preftune.models.load import ModelSpec, load_model, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora, save_merged
 from preftune.models.settings import LoraSettings, ModelSettings
 from preftune.objectives.base import Objective
+from preftune.shares import decide_on_main
 from preftune.train import state
 from preftune.train.card import write_model_card
 from preftune.train.checkpoint import ResumePoint
@@ -35,7 +35,6 @@ from preftune.train.plots import plot_metrics
 from preftune.train.resume import find_resume_point, run_identity
 from preftune.train.run_dir import mark
 from preftune.train.settings import TrainSettings
-from preftune.train.shared import decide_on_main
 from preftune.train.sources import ExampleBatches
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
@@ -57,6 +56,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.model.quantization != "none" and self.lora.r == 0:
+            raise ConfigError(
+                f"model.quantization={self.model.quantization} trains LoRA adapters on the "
+                "quantized weights: set lora.r (e.g. lora.r=16)"
+            )
+        if self.model.quantization != "none" and self.train.distributed == "fsdp2":
+            raise ConfigError(
+                "model.quantization does not shard: use train.distributed=ddp with quantized "
+                "weights"
+            )
         if self.lora.r > 0 and self.lora.dropout > 0 and self.model.disable_dropout:
             raise ConfigError(
                 f"lora.dropout={self.lora.dropout} has no effect with model.disable_dropout=true, "
@@ -77,44 +86,16 @@ class Command:
     run: Callable[..., Any]
 
 
-Records = TypeVar("Records")
-Records_co = TypeVar("Records_co", covariant=True)
-Records_contra = TypeVar("Records_contra", contravariant=True)
-Example = TypeVar("Example")
-
-
-class Load(Protocol[Records_co]):
-    """A reader of :mod:`preftune.data.readers` (``load_pairs``, …): a dataset's records and
-    its layout."""
-
-    def __call__(
-        self, spec: str, split: str, skipped: list[DataError] | None, /
-    ) -> tuple[Records_co, str]: ...
-
-
-class Encode(Protocol[Records_contra, Example]):
-    """An encoder of :mod:`preftune.data.encode` (``encode_pairs``, …) that takes the records
-    of its reader."""
-
-    def __call__(
-        self,
-        records: Records_contra,
-        tokenizer: PreTrainedTokenizerBase,
-        budget: Budget,
-        /,
-        *,
-        source: str = ...,
-        skipped: list[DataError] | None = ...,
-    ) -> tuple[list[Example], TruncationReport]: ...
-
-
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     """The accelerator for ``cfg``: its processes joined, its mixed precision from
     ``model.dtype``, every random generator seeded."""
     # Several processes on a machine without CUDA: accelerate joins them over gloo only when
-    # told the run is on CPU.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = PartialState(cpu=cpu).device
+    # told the run is on CPU; DeepSpeed on a CPU joins them over gloo when told to.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    several = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = several and not deepspeed
+    backend = "gloo" if several and deepspeed else None
+    device = PartialState(cpu=cpu, backend=backend).device
     if cfg.model.attn_implementation == "flex_attention" and device.type == "cpu":
         raise ConfigError(
             "model.attn_implementation=flex_attention cannot train on a CPU (PyTorch has no "
@@ -125,8 +106,11 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[str(dtype).removeprefix("torch.")])
 
 
-def model_spec(cfg: RunConfig) -> ModelSpec:
+def model_spec(cfg: RunConfig, quantized: bool = True) -> ModelSpec:
+    """What ``model.*`` says to load, placed (when quantized) on this process's device;
+    ``quantized=False``: the same weights unquantized, on the CPU."""
     m = cfg.model
+    device = PartialState().device
     return ModelSpec(
         path=m.path,
         trust_remote_code=m.trust_remote_code,
@@ -139,60 +123,23 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
             "num_heads": m.num_heads,
         },
         attn_implementation=m.attn_implementation,
+        quantization=m.quantization if quantized else "none",
+        device=str(device),
+        compute_dtype=resolve_dtype(m.dtype, device),
     )
+
+
+def _rebuilt(cfg: RunConfig, command: str, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The run's model as it was built before training, on the CPU: a frame to load trained
+    weights into."""
+    reward = command == "rm"
+    fresh = load_model(model_spec(cfg, quantized=False), tokenizer, reward=reward)
+    return maybe_lora(cfg, fresh, "SEQ_CLS" if reward else "CAUSAL_LM")
 
 
 def maybe_lora(cfg: RunConfig, model: torch.nn.Module, task: str = "CAUSAL_LM") -> Any:
     """``model`` with LoRA adapters when ``lora.r`` > 0, else as it is."""
     return apply_lora(model, cfg.lora, task) if cfg.lora.r > 0 else model
-
-
-def train_and_eval_sets(
-    cfg: RunConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    acc: Accelerator,
-    load: Load[Records],
-    encode: Encode[Records, Example],
-) -> tuple[list[Example], list[Example] | None]:
-    """``data.train`` and ``data.eval`` (None when unset), each read with ``load`` and encoded
-    with ``encode`` (:func:`encoded_dataset`)."""
-    train_set = encoded_dataset(cfg, tokenizer, cfg.data.train, "train", acc, load, encode)
-    if train_set is None:
-        raise ConfigError("data.train is required: a data file, directory or hub dataset")
-    eval_set = encoded_dataset(cfg, tokenizer, cfg.data.eval, "test", acc, load, encode)
-    return train_set, eval_set
-
-
-def encoded_dataset(
-    cfg: RunConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    source: str | None,
-    split: str,
-    acc: Accelerator,
-    load: Load[Records],
-    encode: Encode[Records, Example],
-) -> list[Example] | None:
-    """Read, validate and tokenize one dataset (None when ``source`` is), reporting what
-    truncation did to it and, with ``data.on_error=skip``, which malformed rows were left out
-    and why."""
-    if source is None:
-        return None
-    skipped: list[DataError] | None = [] if cfg.data.on_error == "skip" else None
-    records, layout = load(source, split, skipped)
-    examples, report = encode(records, tokenizer, cfg.data.budget(), source=source, skipped=skipped)
-    acc.print(f"{source}: layout {layout}; {report.summary()}")
-    if skipped:
-        acc.print(describe_skipped(source, skipped))
-    _check_not_empty(source, report, skipped or [])
-    return examples
-
-
-def _check_not_empty(source: str, report: TruncationReport, skipped: list[DataError]) -> None:
-    if report.rows == 0 and skipped:
-        message = f"no usable rows: all {len(skipped)} are malformed; the first: {skipped[0]}"
-        raise DataError(source, message)
-    if report.kept == 0:
-        raise ConfigError(f"{source}: no rows left after truncation; raise data.max_length")
 
 
 def train_and_save(
@@ -234,10 +181,11 @@ def train_and_save(
         resume=resume,
     )
     metrics = train(run)
+    gathered = state.full_state_dict(acc, model)  # a sharded model's weights, to the main process
 
     def save() -> None:
         try:
-            _save_model(output_dir, command, cfg.model.path, config, model, tokenizer, metrics, acc)
+            _save_model(cfg, command, config, model, tokenizer, metrics, acc, gathered)
         except OSError as error:
             raise TrainingError(
                 f"cannot write the trained model to {output_dir}: {error.strerror or error}; "
@@ -274,22 +222,36 @@ def _start(
 
 
 def _save_model(
-    output_dir: Path,
+    cfg: RunConfig,
     command: str,
-    base_model: str,
     config: dict[str, Any],
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     metrics: dict[str, float],
     acc: Accelerator,
+    gathered: dict[str, Any] | None,
 ) -> None:
+    """The trained model, tokenizer, plots and card in ``output_dir``; a LoRA model as its
+    adapters and merged. ``gathered``: a sharded model's weights, gathered to this process."""
+    output_dir = Path(cfg.output_dir)
     if is_lora(model):
-        model = save_merged(model, output_dir)
-    state.save_pretrained(acc, model, output_dir)
+        if gathered is not None:
+            # Sharded: the adapters are merged into a whole copy of the model on the CPU.
+            whole = _rebuilt(cfg, command, tokenizer)
+            whole.load_state_dict(gathered)
+            model, gathered = whole, None
+        elif cfg.model.quantization != "none":
+            # The adapters go into the full-precision weights, not the quantized ones.
+            whole = _rebuilt(cfg, command, tokenizer)
+            set_peft_model_state_dict(whole, get_peft_model_state_dict(model))
+            model = whole
+        if is_lora(model):
+            model = save_merged(model, output_dir)
+    state.save_pretrained(acc, model, output_dir, gathered, cfg.train.max_shard_size)
     tokenizer.save_pretrained(output_dir)
     try:
         plot_metrics(output_dir)
     except PreftuneError as missing:
         acc.print(f"no metrics.png: {missing}")
-    write_model_card(output_dir, command, base_model, config, metrics)
+    write_model_card(output_dir, command, cfg.model.path, config, metrics)
     acc.print(f"saved the {command} model to {output_dir}")

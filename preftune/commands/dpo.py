@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +15,9 @@ from preftune.commands.common import (
     make_accelerator,
     maybe_lora,
     model_spec,
-    train_and_eval_sets,
     train_and_save,
 )
+from preftune.commands.datasets import train_and_eval_sets
 from preftune.data.encode import EncodedPair, encode_pairs
 from preftune.data.readers import load_pairs
 from preftune.losses.settings import LossSettings
@@ -27,6 +28,7 @@ from preftune.models.reference import AdapterDisabled, FrozenCopy, Score
 from preftune.objectives.dpo import PairedObjective
 from preftune.objectives.settings import SpeedSettings
 from preftune.objectives.speed import choose_scoring
+from preftune.train import state
 from preftune.train.run_dir import claimed
 from preftune.train.sources import micro_batch_size
 
@@ -54,13 +56,13 @@ def setup_paired(
     acc: Accelerator,
     model: torch.nn.Module,
     pad_id: int,
-    train_set: list[EncodedPair],
-    eval_set: list[EncodedPair] | None,
-) -> tuple[Any, PairedObjective, list[EncodedPair], list[EncodedPair] | None]:
+    train_set: Sequence[EncodedPair],
+    eval_set: Sequence[EncodedPair] | None,
+) -> tuple[Any, PairedObjective, Sequence[EncodedPair], Sequence[EncodedPair] | None]:
     """The paired objective of ``cfg.loss`` for ``model``, whose weights as given are the
     reference: returns the policy (with LoRA adapters when ``lora.r`` is set), the objective
     and the two datasets, which carry their reference log-probs when those are cached."""
-    model.to(acc.device)
+    model.to(state.before_sharding(acc, cfg.train))
     scoring, turned_off = choose_scoring(model, cfg.speed)
     if turned_off:
         acc.print(turned_off)
@@ -69,6 +71,14 @@ def setup_paired(
     cached = needs_reference and cfg.speed.reference_cache
     base_hash = model_digest(model) if cached else ""
     model = maybe_lora(cfg, model)
+    if needs_reference and not cached and not is_lora(model):
+        # A frozen copy of the starting weights, taken whole, then sharded as the policy is.
+        frozen = FrozenCopy(
+            model, state.before_sharding(acc, cfg.train, reference=True), objective.score
+        )
+        frozen.model = state.prepare_reference(frozen.model, acc, cfg.train)
+        objective.reference = frozen
+    model = state.shard(model, acc, cfg.train)
     if cached:
         # Before the first update the policy is the reference: score the data with it once.
         micro = micro_batch_size(cfg.train, acc.num_processes)
@@ -87,8 +97,6 @@ def setup_paired(
             eval_set = reference.attach(eval_set, path, "eval")
     elif needs_reference and is_lora(model):
         objective.reference = AdapterDisabled(model, objective.score)
-    elif needs_reference:
-        objective.reference = FrozenCopy(model, acc.device, objective.score)
     return model, objective, train_set, eval_set
 
 

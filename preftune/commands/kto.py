@@ -10,9 +10,9 @@ from preftune.commands.common import (
     make_accelerator,
     maybe_lora,
     model_spec,
-    train_and_eval_sets,
     train_and_save,
 )
+from preftune.commands.datasets import train_and_eval_sets
 from preftune.data.encode import encode_rated, label_counts
 from preftune.data.readers import load_rated
 from preftune.models.load import load_model, load_tokenizer
@@ -20,6 +20,7 @@ from preftune.models.lora import is_lora
 from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.objectives.kto import KTOObjective, balance_warning
 from preftune.objectives.settings import KTOSettings
+from preftune.train import state
 from preftune.train.run_dir import claimed
 from preftune.train.sources import micro_batch_size
 
@@ -49,7 +50,12 @@ def run_kto(cfg: KTOConfig) -> dict[str, float]:
         model = maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
         # The reference runs on every step: its log-probs of the mismatched pairs depend on which
         # examples share a micro-batch, so they cannot be computed once ahead.
-        reference = AdapterDisabled(model) if is_lora(model) else FrozenCopy(model, acc.device)
+        if is_lora(model):
+            reference: AdapterDisabled | FrozenCopy = AdapterDisabled(model)
+        else:  # a frozen copy of the starting weights, sharded as the policy is
+            reference = FrozenCopy(model, state.before_sharding(acc, cfg.train, reference=True))
+            reference.model = state.prepare_reference(reference.model, acc, cfg.train)
+        model = state.shard(model, acc, cfg.train)
         objective = KTOObjective(cfg.kto, reference, tokenizer.pad_token_id)
         return train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
 

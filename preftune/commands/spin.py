@@ -23,13 +23,14 @@ from preftune.commands.common import (
     RunConfig,
     make_accelerator,
     model_spec,
-    train_and_eval_sets,
     train_and_save,
 )
+from preftune.commands.datasets import train_and_eval_sets
 from preftune.commands.dpo import setup_paired
 from preftune.config import to_dict
 from preftune.data.encode import encode_demos
 from preftune.data.readers import load_demos
+from preftune.errors import ConfigError
 from preftune.files import write_text_atomically
 from preftune.losses.settings import LossSettings
 from preftune.models.load import load_model, load_tokenizer
@@ -64,6 +65,11 @@ class SPINConfig(RunConfig):
 def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
     """Run the iterations not finished earlier in ``cfg.output_dir``; returns one record per
     iteration: its pair counts and its final metrics."""
+    if cfg.train.distributed == "fsdp2":
+        raise ConfigError(
+            "preftune spin does not run under train.distributed=fsdp2 yet (each process "
+            "generates its own completions, which a sharded model cannot): use ddp"
+        )
     acc = make_accelerator(cfg)
     with claimed(cfg.output_dir, acc):
         if acc.is_main_process:

@@ -28,6 +28,11 @@ class DataSettings:
         "a malformed row stops the run (raise) or is left out, counted and reported (skip)",
         ("raise", "skip"),
     )
+    num_proc: int = option(
+        1,
+        "processes that tokenize a dataset large enough to be cached (1: the main process alone)",
+        at_least=1,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "data")

@@ -37,6 +37,12 @@ class ModelSpec:
     seed: int = 0
     tiny_sizes: dict[str, int | None] | None = None
     attn_implementation: str | None = None
+    quantization: str = "none"
+    """``4bit`` (NF4) or ``8bit``: the weights quantized by bitsandbytes as they load, for LoRA."""
+    device: str = "cpu"
+    """Where quantized weights are placed as they load (unquantized models load on the CPU)."""
+    compute_dtype: torch.dtype = torch.float32
+    """What 4-bit weights are dequantized to for their matrix products."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -77,6 +83,11 @@ def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedMo
     """
     sizes = {k: v for k, v in (spec.tiny_sizes or {}).items() if v is not None}
     model: PreTrainedModel
+    if spec.path == TINY and spec.quantization != "none":
+        raise PreftuneError(
+            f"model.quantization={spec.quantization} quantizes weights as they load: it needs a "
+            "model directory or hub id, not the tiny preset built in memory"
+        )
     if spec.path == TINY:
         build = build_reward_model if reward else build_model
         model = build(tokenizer, seed=spec.seed, **{**TINY_DEFAULTS, **sizes})
@@ -89,14 +100,16 @@ def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedMo
             )
         _check_local_path(spec.path)
         auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
-        head = {"num_labels": 1} if reward else {}
+        options: dict[str, Any] = {"num_labels": 1} if reward else {}
+        if spec.quantization != "none":
+            options |= _quantized(spec)
         try:
             model = auto.from_pretrained(
                 spec.path,
                 dtype=torch.float32,
                 trust_remote_code=spec.trust_remote_code,
                 attn_implementation=spec.attn_implementation,
-                **head,
+                **options,
             )
         except UnpicklingError:
             raise PreftuneError(
@@ -115,15 +128,34 @@ def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedMo
     return model
 
 
+def _quantized(spec: ModelSpec) -> dict[str, Any]:
+    """``from_pretrained`` options that quantize the weights as they load (bitsandbytes)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise PreftuneError(
+            f"model.quantization={spec.quantization} needs bitsandbytes: "
+            "pip install 'preftune[qlora]'"
+        ) from None
+    if spec.quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=spec.compute_dtype,
+        )
+    return {"quantization_config": config, "device_map": {"": spec.device}}
+
+
 def checkpoint_layers(model: torch.nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of keeping them.
 
     Applied to the layers transformers marks as checkpointable, in train and eval mode alike
     (transformers' own switch acts in train mode only, which dropout-free training avoids).
     """
-    layers = [
-        module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)
-    ]
+    layers = decoder_layers(model)
     if not layers:
         raise PreftuneError(
             f"model.gradient_checkpointing: {type(model).__name__} has no layers marked as "
@@ -131,6 +163,12 @@ def checkpoint_layers(model: torch.nn.Module) -> None:
         )
     for layer in layers:
         layer.forward = types.MethodType(_checkpointed_forward, layer)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (decoder layers), as transformers marks them: the unit of
+    activation checkpointing and of sharding."""
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
 def _checkpointed_forward(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -34,14 +36,10 @@ def sequence_logps(
             reduction="none",
         ).view_as(labels)
         return (token_logps * scored).sum(-1), scored.sum(-1)
-    with FinalHidden(model) as final:
-        model(**inputs, use_cache=False)
     rows, width = batch["labels"].shape
     row, column = scored.nonzero(as_tuple=True)
-    sums = _scored_sums(
-        model, final.hidden, row * width + column, labels[scored], row, rows, chunk_rows
-    )
-    return sums, scored.sum(-1)
+    positions = ScoredPositions(row * width + column, labels[scored], row, rows, chunk_rows)
+    return positions.forward(model, inputs), scored.sum(-1)
 
 
 def layout_logps(
@@ -56,17 +54,18 @@ def layout_logps(
     (tokens × vocabulary) tensor larger than one chunk ever exists; 0 applies the output layer
     to every position of every row at once, as a plain forward does.
     """
-    with layout_attention(model, batch) as (inputs, _), FinalHidden(model) as final:
-        model(input_ids=batch["input_ids"], use_cache=False, **inputs)
     sequences = int(batch["num_sequences"].sum())
     seq = batch["score_seq"]
-    index, target = batch["score_index"], batch["score_target"]
-    sums = _scored_sums(model, final.hidden, index, target, seq, sequences, chunk_rows)
+    positions = ScoredPositions(
+        batch["score_index"], batch["score_target"], seq, sequences, chunk_rows
+    )
+    with layout_attention(model, batch) as (inputs, _):
+        sums = positions.forward(model, {"input_ids": batch["input_ids"], **inputs})
     return sums, torch.bincount(seq, minlength=sequences)
 
 
 def _scored_sums(
-    model: torch.nn.Module,
+    head: OutputLayer,
     hidden: torch.Tensor,
     index: torch.Tensor,
     target: torch.Tensor,
@@ -76,7 +75,6 @@ def _scored_sums(
 ) -> torch.Tensor:
     """(sequences,) float32: the log-prob of each ``target`` token, predicted by the final hidden
     state at flat position ``index``, summed per sequence ``seq``."""
-    head = OutputLayer(model)
     if chunk_rows > 0:
         hidden = hidden.flatten(0, 1).index_select(0, index)
         token_logps = (
@@ -126,34 +124,55 @@ class OutputLayer:
         return -F.cross_entropy(self.logits(hidden), target, reduction="none")
 
 
-class FinalHidden:
-    """Within the context, the output layer records its input and computes nothing.
+class ScoredPositions:
+    """The output layer run on chosen positions only, inside the model's own forward.
 
-    The model's forward is still called as a whole (through any distributed wrapper, so gradient
-    synchronisation stays in place); only the full-vocabulary projection of every position is
-    skipped, leaving the caller to project just the positions it scores.
+    For the forward called in :meth:`forward`, the output layer takes its input (the final
+    hidden states of every position), scores the ``target`` token at each flat position of
+    ``index`` (summed into sequence ``seq``; in chunks of ``chunk_rows`` recomputed in backward,
+    or all at once with 0) and returns an empty projection: the full-vocabulary logits of every
+    position are never computed. Scoring inside the forward, with the model's forward called
+    as a whole (through any distributed wrapper), means the layer's weights are those the
+    engine has gathered for it, and gradient synchronisation stays in place.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.layer: torch.nn.Module = inner_model(model).get_output_embeddings()
-        self._hidden: torch.Tensor | None = None
+    def __init__(
+        self,
+        index: torch.Tensor,
+        target: torch.Tensor,
+        seq: torch.Tensor,
+        sequences: int,
+        chunk_rows: int,
+    ) -> None:
+        self.index, self.target, self.seq = index, target, seq
+        self.sequences, self.chunk_rows = sequences, chunk_rows
+        self._sums: torch.Tensor | None = None
 
-    @property
-    def hidden(self) -> torch.Tensor:
-        """The output layer's input, recorded by the forward run within the context."""
-        if self._hidden is None:
+    def forward(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """(sequences,) float32 summed log-probs, from one forward of ``model`` on ``inputs``."""
+        head = OutputLayer(model)
+
+        scoring = False
+
+        def score(module: torch.nn.Module, args: tuple) -> tuple | None:
+            nonlocal scoring
+            if scoring:
+                return None  # the layer, called by the scoring below: let it run as it is
+            scoring = True
+            hidden = args[0]
+            self._sums = _scored_sums(
+                head, hidden, self.index, self.target, self.seq, self.sequences, self.chunk_rows
+            )
+            scoring = False
+            return (hidden[..., :0, :], *args[1:])
+
+        handle = head.layer.register_forward_pre_hook(score)
+        try:
+            outputs = model(**inputs, use_cache=False)
+        finally:
+            handle.remove()
+        if self._sums is None:
             raise RuntimeError("the model's forward never reached its output layer")
-        return self._hidden
-
-    def __enter__(self) -> FinalHidden:
-        self.handle = self.layer.register_forward_pre_hook(self._record)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
-        if self._hidden is None and exc[0] is None:
-            raise RuntimeError("the model's forward never reached its output layer")
-
-    def _record(self, module: torch.nn.Module, args: tuple) -> tuple:
-        self._hidden = args[0]
-        return (args[0][..., :0, :], *args[1:])
+        # The (empty) logits the forward returned join the result, so a distributed engine that
+        # starts its backward work from the forward's outputs (FSDP) sees the backward begin.
+        return self._sums + outputs.logits.float().sum() * 0

@@ -14,18 +14,22 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
+from typing import overload
 
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from preftune.data.digest import examples_digest
 from preftune.data.encode import EncodedPair
 from preftune.files import replaced_atomically
 from preftune.models.attention import inner_model
+from preftune.shares import decide_on_main, process_parts
 
 # Bump when the way log-probabilities are computed changes, so old caches are not reused.
 FORMAT = 2
@@ -60,6 +64,39 @@ def cache_key(model_hash: str, examples: Sequence[EncodedPair], dtype: torch.dty
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+class WithReference(Sequence[EncodedPair]):
+    """Pairs carrying their reference log-probs, attached as each pair is read: a view of the
+    pairs and a (pairs, 2) float tensor of the log-probs of chosen and rejected, so a million
+    pairs are not copied to attach them."""
+
+    def __init__(self, examples: Sequence[EncodedPair], logps: torch.Tensor) -> None:
+        if logps.shape != (len(examples), 2):
+            raise ValueError(f"{tuple(logps.shape)} log-probs for {len(examples)} pairs")
+        self.examples = examples
+        self.logps = logps.cpu()
+        self._rows = self.logps.numpy()
+
+    @cached_property
+    def content_digest(self) -> str:
+        """The pairs' digest: reference log-probs are not content (see ``examples_digest``)."""
+        return examples_digest(self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @overload
+    def __getitem__(self, index: int) -> EncodedPair: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[EncodedPair]: ...
+
+    def __getitem__(self, index: int | slice) -> EncodedPair | list[EncodedPair]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        chosen, rejected = self._rows[index].tolist()
+        return replace(self.examples[index], reference_logps=(chosen, rejected))
+
+
 @dataclass
 class ReferencePass:
     """How to score pairs with the reference: the policy before any update, its scoring
@@ -71,11 +108,12 @@ class ReferencePass:
     batch_size: int
     acc: Accelerator
 
-    def attach(self, examples: Sequence[EncodedPair], path: Path, label: str) -> list[EncodedPair]:
+    def attach(self, examples: Sequence[EncodedPair], path: Path, label: str) -> WithReference:
         """``examples`` carrying their reference log-probabilities, read from ``path`` when it
         exists, else computed and written there."""
         acc = self.acc
-        values = _read_cache(path, len(examples))
+        # Read by the main process and sent to the others: no other node needs the file.
+        values = decide_on_main(acc, lambda: _read_cache(path, len(examples)))
         if isinstance(values, torch.Tensor):
             acc.print(f"{label}: reference log-probs from the cache ({path})")
         else:
@@ -87,10 +125,7 @@ class ReferencePass:
                 with replaced_atomically(path) as partial:
                     save_file({"logps": values.cpu().contiguous()}, partial)
             acc.wait_for_everyone()
-        return [
-            replace(pair, reference_logps=(float(c), float(r)))
-            for pair, (c, r) in zip(examples, values.tolist(), strict=True)
-        ]
+        return WithReference(examples, values)
 
     @torch.no_grad()
     def compute(self, examples: Sequence[EncodedPair], label: str) -> torch.Tensor:
@@ -100,17 +135,19 @@ class ReferencePass:
         was_training = model.training
         model.eval()
         values = torch.zeros(len(examples), 2, dtype=torch.float32, device=acc.device)
-        mine = list(range(acc.process_index, len(examples), acc.num_processes))
-        size = self.batch_size
-        parts = [mine[start : start + size] for start in range(0, len(mine), size)]
+        lockstep = isinstance(model, FSDPModule)
+        parts = process_parts(
+            len(examples), acc.process_index, acc.num_processes, self.batch_size, lockstep
+        )
         bar = tqdm(parts, desc=f"reference log-probs ({label})", disable=not acc.is_main_process)
         for part in bar:
-            batch = self.collate([examples[i] for i in part])
+            batch = self.collate([examples[i] for i in part or [0]])
             batch = {key: value.to(acc.device) for key, value in batch.items()}
             with acc.autocast():
                 sums, _ = self.score(model, batch)
-            index = torch.tensor(part, device=acc.device)
-            values[index] = sums.float().view(2, len(part)).T
+            if part:  # an empty part only keeps a sharded model's processes in step
+                index = torch.tensor(part, device=acc.device)
+                values[index] = sums.float().view(2, len(part)).T
         model.train(was_training)
         return acc.reduce(values, "sum")
 

@@ -25,6 +25,12 @@ class ModelSettings:
     attn_implementation: str | None = option(
         None, "attention kernel: sdpa, eager, flex_attention, ... (null: the model's default)"
     )
+    quantization: str = option(
+        "none",
+        "load the base weights quantized by bitsandbytes and train LoRA adapters on them "
+        "(QLoRA): none | 4bit (NF4) | 8bit; needs lora.r",
+        ("none", "4bit", "8bit"),
+    )
     hidden_size: int | None = option(None, "tiny preset only: hidden size (null: 64)", at_least=1)
     num_layers: int | None = option(
         None, "tiny preset only: number of layers (null: 2)", at_least=1

@@ -36,6 +36,15 @@ class OwnsModules(Protocol):
     modules: dict[str, torch.nn.Module]
 
 
+@runtime_checkable
+class StepAware(Protocol):
+    """An objective that needs a statistic of the whole optimizer step (KTO's KL reference
+    point): the loop hands it the step's micro-batches of this process, on the device, before
+    computing any loss; collectives across processes are the objective's to make."""
+
+    def begin_step(self, model: torch.nn.Module, batches: list[Batch]) -> None: ...
+
+
 def mean_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A per-example metric, to be averaged over every example of the step."""
     values = values.detach().float()

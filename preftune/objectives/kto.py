@@ -22,13 +22,14 @@ SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
 class KTOObjective:
     """Scores judged completions with the policy and the reference; the loss is :func:`kto_loss`.
 
-    The KL reference point is estimated as the KTO paper does, from the micro-batch itself: each
-    completion is scored after another example's prompt (completion i after prompt i + 1 mod B;
-    see :func:`collate_rated`), and KL ≈ the mean of log π(y_i|x_{i+1}) − log π_ref(y_i|x_{i+1}),
-    without gradient. In training it is averaged over processes as well, so every process uses
-    the same estimate; in evaluation, where processes may score different numbers of
-    micro-batches, each micro-batch uses its own. A mismatched sequence may exceed
-    ``data.max_length`` by the difference between the two prompts' lengths.
+    The KL reference point is estimated as the KTO paper does, from mismatched pairs: within
+    each micro-batch, completion i is scored after prompt i + 1 mod B (see
+    :func:`collate_rated`), and KL ≈ the mean of log π(y_i|x_{i+1}) − log π_ref(y_i|x_{i+1}),
+    without gradient. In training the mean is over every mismatched pair of the optimizer step,
+    all its micro-batches on all processes (:meth:`begin_step`), so the estimate and the loss do
+    not depend on how many processes share the step; in evaluation each micro-batch uses its
+    own. A mismatched sequence may exceed ``data.max_length`` by the difference between the two
+    prompts' lengths.
     """
 
     name = "kto"
@@ -37,6 +38,7 @@ class KTOObjective:
         self.settings = settings
         self.reference = reference
         self.pad_id = pad_id
+        self.step_kl: torch.Tensor | None = None
 
     def collate(self, examples: list[EncodedRated]) -> Batch:
         return collate_rated(examples, self.pad_id)
@@ -44,17 +46,32 @@ class KTOObjective:
     def weight(self, batch: Batch) -> int:
         return batch["desirable"].shape[0]
 
+    def begin_step(self, model: torch.nn.Module, batches: list[Batch]) -> None:
+        """The step's KL reference point: the mean log-ratio of every mismatched pair of the
+        step's micro-batches, on every process."""
+        total = torch.zeros(2, dtype=torch.float32, device=batches[0]["input_ids"].device)
+        for batch in batches:
+            ratios = self._mismatched_ratios(model, batch)
+            total += torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))])
+        total = reduce(total, "sum")
+        self.step_kl = total[0] / total[1]
+
+    def _mismatched_ratios(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """log π/π_ref of each completion after another example's prompt, without gradient."""
+        mismatched = {key: batch[f"kl_{key}"] for key in SEQUENCE_KEYS}
+        with torch.no_grad():
+            policy, _ = sequence_logps(model, mismatched)
+            reference, _ = self.reference.logps(mismatched)
+        return (policy - reference).float()
+
     def compute(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         matched = {key: batch[key] for key in SEQUENCE_KEYS}
-        mismatched = {key: batch[f"kl_{key}"] for key in SEQUENCE_KEYS}
-        # The forward without gradient first, so that a distributed wrapper's last forward
-        # before backward is the one whose graph the backward runs through.
-        with torch.no_grad():
-            mismatched_logps, _ = sequence_logps(model, mismatched)
+        if torch.is_grad_enabled() and self.step_kl is not None:
+            kl = self.step_kl
+        else:  # evaluation: each micro-batch its own estimate
+            kl = self._mismatched_ratios(model, batch).mean()
         logps, _ = sequence_logps(model, matched)
         reference_logps, _ = self.reference.logps(matched)
-        reference_mismatched, _ = self.reference.logps(mismatched)
-        kl = mismatched_kl(mismatched_logps - reference_mismatched, torch.is_grad_enabled())
         desirable = batch["desirable"]
         s = self.settings
         out = kto_loss(
@@ -78,13 +95,6 @@ class KTOObjective:
             "desirable": mean_metric(desirable),
         }
         return out.losses.sum(), metrics
-
-
-def mismatched_kl(log_ratios: torch.Tensor, across_processes: bool) -> torch.Tensor:
-    """The mean of ``log_ratios`` (log π/π_ref of mismatched prompt-completion pairs), detached;
-    with ``across_processes``, the mean over the processes of the run too."""
-    kl = log_ratios.detach().float().mean()
-    return reduce(kl, "mean") if across_processes else kl
 
 
 def balance_warning(desirable: int, undesirable: int, settings: KTOSettings) -> str | None:

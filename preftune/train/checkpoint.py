@@ -24,48 +24,21 @@ from typing import Any, cast
 import numpy
 import torch
 import xxhash
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from preftune.errors import TrainingError
 
 PREFIX = "step-"
 STAGING = ".tmp-"
 RETIRED = ".old-"
-FILES = ("model.safetensors", "training_state.pt", "state.json")
+# Every checkpoint has these; its weights files are listed in its state.json.
+FILES = ("training_state.pt", "state.json")
 
 
 def weights_file(name: str) -> str:
     """The file of a trained module's weights: ``model.safetensors`` for the model, others by
     their name (an objective's value model, say)."""
     return f"{name}.safetensors"
-
-
-def _write_files(
-    staging: Path,
-    step: int,
-    modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    identity: dict[str, Any],
-) -> None:
-    for name, module in modules.items():
-        save_model(module, str(staging / weights_file(name)))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            **rng_states(),
-        },
-        staging / "training_state.pt",
-    )
-    files = {
-        file: {"bytes": (staging / file).stat().st_size, "xxh3": file_checksum(staging / file)}
-        for file in [*map(weights_file, modules), "training_state.pt"]
-    }
-    # Written last: a checkpoint is complete when its state.json exists.
-    state = {"step": step, **identity, "files": files}
-    (staging / "state.json").write_text(json.dumps(state))
-    _fsync_dir(staging)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -171,24 +144,63 @@ def save_checkpoint(
     optimizer and scheduler, every random generator. ``identity`` goes into ``state.json``: the
     run's config and data digest, for a resumed run to compare with its own, and its batch
     source's position."""
+    staging = stage(output_dir, step)
+    try:
+        for name, module in modules.items():
+            save_weights(module, staging / weights_file(name))
+    except BaseException:
+        discard(staging)
+        raise
+    training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    return commit(staging, step, identity, training, keep)
+
+
+def stage(output_dir: str | Path, step: int) -> Path:
+    """An empty staging directory for the checkpoint of ``step``, to write its weights into."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:08d}"
-    staging = root / f"{STAGING}{final.name}-{os.getpid()}"
+    staging = root / f"{STAGING}{PREFIX}{step:08d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    return staging
+
+
+def commit(
+    staging: Path, step: int, identity: dict[str, Any], training: dict[str, Any], keep: int
+) -> Path:
+    """Finish the checkpoint being written in ``staging``: the training state (``training``
+    and every random generator) beside the weights already there, then ``state.json`` with
+    the size and checksum of every file, then the rename into place and the pruning of old
+    checkpoints. A failure leaves nothing behind and the checkpoints as they were."""
+    final = staging.parent / staging.name.removeprefix(STAGING).rsplit("-", 1)[0]
     try:
-        _write_files(staging, step, modules, optimizer, scheduler, identity)
+        torch.save({**training, **rng_states()}, staging / "training_state.pt")
+        files = {
+            str(file.relative_to(staging)): {
+                "bytes": file.stat().st_size,
+                "xxh3": file_checksum(file),
+            }
+            for file in sorted(staging.rglob("*"))
+            if file.is_file()
+        }
+        # Written last: a checkpoint is complete when its state.json exists.
+        state = {"step": step, **identity, "files": files}
+        (staging / "state.json").write_text(json.dumps(state))
+        _fsync_tree(staging)
     except BaseException:
-        # A failed write (a full disk, say) leaves nothing behind and the checkpoints as they were.
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
         raise
     if final.exists():
         _retire(final)
     os.replace(staging, final)
-    _fsync_dir(root)
-    prune(root, keep)
+    _fsync_tree(final.parent, recursive=False)
+    prune(final.parent, keep)
     return final
+
+
+def discard(staging: Path) -> None:
+    """Remove a checkpoint being written: a failed write (a full disk, say) leaves nothing."""
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -199,11 +211,46 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore everything saved in ``path``; returns its ``state.json``."""
     for name, module in modules.items():
-        load_model(module, str(path / weights_file(name)))
-    training = torch.load(path / "training_state.pt", weights_only=True)
+        load_weights(module, path / weights_file(name))
+    training = load_training_state(path)
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
+    return read_state(path)
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """The weights a run changes: all of them, or, where some are frozen (LoRA adapters on a
+    base model, maybe quantized), only the trainable ones; the rest come from the model the
+    run starts from."""
+    frozen = any(not parameter.requires_grad for parameter in module.parameters())
+    if not frozen:
+        save_model(module, str(path))
+        return
+    trainable = {
+        name: parameter.detach().contiguous()
+        for name, parameter in module.named_parameters()
+        if parameter.requires_grad
+    }
+    save_file(trainable, str(path))
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load what :func:`save_weights` wrote: every trainable weight must be there."""
+    missing, unexpected = load_model(module, str(path), strict=False)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        names = sorted(unexpected or trainable & set(missing))
+        raise TrainingError(f"{path} does not hold this model's weights ({', '.join(names[:3])})")
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """The checkpoint's training state, every random generator restored from it."""
+    training = torch.load(path / "training_state.pt", weights_only=True)
     set_rng_states(training)
+    return training
+
+
+def read_state(path: Path) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text())
     return state | {"step": int(state["step"])}
 
@@ -253,11 +300,15 @@ def _retire(path: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as handle:
+def _fsync_tree(path: Path, recursive: bool = True) -> None:
+    """Flush ``path``'s files (and, with ``recursive``, those of its subdirectories) and the
+    directory entries themselves to disk."""
+    for entry in path.iterdir():
+        if entry.is_file():
+            with open(entry, "rb") as handle:
                 os.fsync(handle.fileno())
+        elif recursive and entry.is_dir():
+            _fsync_tree(entry)
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

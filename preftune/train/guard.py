@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.tensor import DTensor
 
 from preftune.errors import PreftuneError, TrainingError
 from preftune.train.checkpoint import newest_intact
@@ -37,17 +38,19 @@ class BadStep:
 
 
 def step_health(
-    finite: list[torch.Tensor], grad_norm: float, tokens: int, acc: Accelerator
+    finite: list[torch.Tensor], grad_norm: float | None, tokens: int, acc: Accelerator
 ) -> tuple[int, BadStep | None]:
     """The step's token count and, if its update must be skipped, why.
 
     Under a loss scaler (float16), a non-finite gradient with finite losses is the scaler's to
-    handle: it skips that update itself.
+    handle: it skips that update itself. ``grad_norm`` None: no norm was computed before the
+    update (a DeepSpeed engine updates as it backpropagates); a bad update is then undone after
+    it, by the check of the weights.
     """
     per_process = len(finite)
     slots = torch.zeros(2 + acc.num_processes * per_process, dtype=torch.long, device=acc.device)
     slots[0] = tokens
-    slots[1] = int(not math.isfinite(grad_norm) and acc.scaler is None)
+    slots[1] = int(grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None)
     start = 2 + acc.process_index * per_process
     slots[start : start + per_process] = (~torch.stack(finite)).long()
     slots = acc.reduce(slots, "sum").tolist()
@@ -65,13 +68,23 @@ def after_update(
     """(whether any process's trainable weights are non-finite, whether any process was asked
     to stop), agreed by every process in one reduction."""
     flags = torch.zeros(2, dtype=torch.long, device=acc.device)
-    trainable = [p.detach() for p in parameters if p.requires_grad]
+    # Each process checks its own shard of a sharded parameter; the reduction tells them all.
+    trainable = [local(p).detach() for p in parameters if p.requires_grad]
     if trainable:
         finite = torch.stack([torch.isfinite(p).all() for p in trainable]).all()
         flags[0] = (~finite).long()
     flags[1] = int(stop_requested)
     poisoned, stop = (bool(flag) for flag in acc.reduce(flags, "sum").tolist())
     return poisoned, stop
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``tensor``: its shard, if sharded (FSDP), its partition if
+    partitioned (ZeRO stage 3), else itself."""
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    partition = getattr(tensor, "ds_tensor", None)
+    return partition if isinstance(partition, torch.Tensor) else tensor
 
 
 def report_bad_step(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from signal import SIGTERM
@@ -14,7 +13,8 @@ import torch
 from accelerate import Accelerator
 
 from preftune.errors import ConfigError, TrainingError
-from preftune.objectives.base import Batch, Metrics, Objective, OwnsModules
+from preftune.objectives.base import Batch, Metrics, Objective, OwnsModules, StepAware
+from preftune.shares import decide_on_main, process_parts
 from preftune.train import state
 from preftune.train.checkpoint import ResumePoint, newest_intact, remove_leftovers
 from preftune.train.guard import (
@@ -28,8 +28,7 @@ from preftune.train.interrupt import Interrupted, StopRequest
 from preftune.train.metrics_log import MetricsLog
 from preftune.train.optim import build_optimizer, build_scheduler
 from preftune.train.settings import TrainSettings
-from preftune.train.shared import decide_on_main
-from preftune.train.sources import BatchSource, chunks
+from preftune.train.sources import BatchSource
 from preftune.train.trackers import open_trackers
 
 
@@ -67,13 +66,29 @@ class Training:
             self.steps = cfg.epochs * source.steps_per_epoch
         objective = run.objective
         owned = dict(objective.modules) if isinstance(objective, OwnsModules) else {}
+        sharded = state.is_sharded(run.model)
+        if sharded and owned:
+            raise ConfigError(
+                f"train.distributed=fsdp2 does not shard the modules of objective "
+                f"'{objective.name}' ({', '.join(owned)}) yet: use train.distributed=ddp"
+            )
+        if sharded:
+            # A forward outside training (the reference pass) leaves the root's parameters
+            # gathered; the optimizer must hold the sharded ones.
+            state.reshard(run.model)
         modules = {"model": run.model, **owned}
         optimizer = build_optimizer(list(modules.values()), cfg)
         self.scheduler = build_scheduler(optimizer, cfg, self.steps)
-        self.start = _resume(run, modules, optimizer, self.scheduler, self.steps)
-        acc.print(f"{self.steps} steps of {source.describe()}")
-        *prepared, self.optimizer = acc.prepare(*modules.values(), optimizer)
+        if state.is_deepspeed(acc):
+            state.configure_deepspeed(acc, cfg, source.micro_batch_size)
+        if sharded:  # already distributed, by fully_shard: only the optimizer is prepared
+            prepared, self.optimizer = [run.model], acc.prepare(optimizer)
+        else:
+            *prepared, self.optimizer = acc.prepare(*modules.values(), optimizer)
         self.modules = dict(zip(modules, prepared, strict=True))
+        # Resumed once prepared: a DeepSpeed engine reads its own checkpoint files.
+        self.start = _resume(run, self.modules, self.optimizer, self.scheduler, self.steps)
+        acc.print(f"{self.steps} steps of {source.describe()}")
         self.model = self.modules["model"]
         if owned and isinstance(objective, OwnsModules):
             objective.modules = {name: self.modules[name] for name in owned}
@@ -228,10 +243,14 @@ def _optimizer_step(
     skip_update: bool = False,
 ) -> tuple[dict[str, float], BadStep | None]:
     """Accumulate over ``batches`` so the gradient is that of the mean over the global batch,
-    then update, unless some process saw a non-finite loss or the gradient is not finite (or
-    ``skip_update``): then the gradient is dropped and the weights and optimizer state stay as
-    they were."""
+    then update, unless some process saw a non-finite loss or the gradient is not finite: then
+    the gradient is dropped and the weights and optimizer state stay as they were. With
+    ``skip_update`` (a step undone before) the batches are only scored, for the log."""
     objective, model, optimizer = t.run.objective, t.model, t.optimizer
+    batches = [{key: value.to(acc.device) for key, value in batch.items()} for batch in batches]
+    if isinstance(objective, StepAware):
+        with acc.autocast():
+            objective.begin_step(model, batches)
     local_weight = sum(objective.weight(batch) for batch in batches)
     total_weight = acc.reduce(torch.tensor(float(local_weight), device=acc.device), "sum")
     # Each process's gradients are averaged by the engine, hence the factor num_processes.
@@ -240,24 +259,28 @@ def _optimizer_step(
     tokens = 0
     finite = []
     for index, batch in enumerate(batches):
-        batch = {key: value.to(acc.device) for key, value in batch.items()}
         sync = index == len(batches) - 1
-        with nullcontext() if sync else acc.no_sync(model):
+        with state.accumulating(acc, model, sync), torch.set_grad_enabled(not skip_update):
             with acc.autocast():
                 loss_sum, metrics = objective.compute(model, batch)
-            acc.backward(loss_sum * scale)
+            if not skip_update:
+                state.backward(acc, model, loss_sum * scale, sync)
         finite.append(torch.isfinite(loss_sum.detach()))
         _accumulate(sums, metrics)
         tokens += real_tokens(batch)
-    grad_norm = acc.clip_grad_norm_(t.parameters(), cfg.max_grad_norm or math.inf)
-    counts, bad = step_health(finite, float(grad_norm), tokens, acc)
+    grad_norm = None
+    if not skip_update:
+        max_norm = cfg.max_grad_norm or math.inf
+        grad_norm = state.clip_gradients(acc, model, t.parameters(), max_norm)
+    counts, bad = step_health(finite, grad_norm, tokens, acc)
     if bad is None and not skip_update:
         optimizer.step()
     elif acc.scaler is not None:
         acc.scaler.update()  # the loss scaler expects an update after unscaling
     optimizer.zero_grad(set_to_none=True)
     stats = _reduce(sums, acc)
-    stats["grad_norm"] = float(grad_norm)
+    if grad_norm is not None:
+        stats["grad_norm"] = grad_norm
     stats["tokens"] = float(counts)
     return stats, bad
 
@@ -274,13 +297,15 @@ def evaluate(
     was_training = model.training
     model.eval()
     sums: Metrics = {}
-    mine = list(range(acc.process_index, len(examples), acc.num_processes))
-    for part in chunks(mine, micro):
-        batch = objective.collate([examples[i] for i in part])
+    lockstep = state.lockstep(acc, model)
+    parts = process_parts(len(examples), acc.process_index, acc.num_processes, micro, lockstep)
+    for part in parts:
+        batch = objective.collate([examples[i] for i in part or [0]])
         batch = {key: value.to(acc.device) for key, value in batch.items()}
         with acc.autocast():
             _, metrics = objective.compute(model, batch)
-        _accumulate(sums, metrics)
+        if part:  # an empty part only keeps a sharded model's processes in step
+            _accumulate(sums, metrics)
     model.train(was_training)
     return _reduce(sums, acc)
 

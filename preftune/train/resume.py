@@ -15,8 +15,8 @@ from typing import Any
 from accelerate import Accelerator
 
 from preftune.errors import ConfigError
+from preftune.shares import decide_on_main
 from preftune.train.checkpoint import ResumePoint, newest_intact
-from preftune.train.shared import decide_on_main
 
 # Keys that only change what is logged or kept, or when a run gives up, so a run may resume
 # with new values.
@@ -29,6 +29,8 @@ RESUMABLE_CHANGES = (
     "train.max_bad_steps",
     "train.report_to",
     "train.allow_data_change",
+    "train.fsdp_cpu_offload",
+    "train.max_shard_size",
     "data.on_error",
     "speed.cache_dir",
     "speed.reference_batch_size",

@@ -20,12 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from preftune import __version__
 from preftune.errors import ConfigError
 from preftune.files import write_text_atomically
-from preftune.train.shared import decide_on_main
+from preftune.shares import decide_on_main
 
 MARKER = ".preftune-run"
 LOCK = ".preftune-lock"
@@ -146,13 +147,42 @@ def claimed(output_dir: str | Path, acc: Accelerator) -> Iterator[Path]:
     path = Path(output_dir)
     held: list[Lock] = []
 
-    def take() -> None:
+    def take() -> dict[str, Any]:
+        """Check and lock the directory; what the lock file then says of its holder."""
         check_output_dir(path)
         held.append(Lock.take(path, acc.print))
+        return _holder_of(path / LOCK)
 
-    decide_on_main(acc, take)
+    holder = decide_on_main(acc, take)
     try:
+        check_shared(path, holder, acc)
         yield path
     finally:
         for lock in held:
             lock.release()
+
+
+def check_shared(path: Path, holder: dict[str, Any], acc: Accelerator) -> None:
+    """Every process must see the lock the main process took: checkpoints and the final model
+    are written by it (and by every process, shard by shard) into one directory, which all of
+    them must share (a network filesystem across nodes). A one-line error on every process
+    otherwise, naming a process that cannot see it."""
+    blind = torch.tensor(
+        [acc.process_index + 1 if _holder_of(path / LOCK) != holder else 0], device=acc.device
+    )
+    first = int(acc.reduce(blind, "max").item())
+    if first:
+        raise ConfigError(
+            f"output_dir {path} is not shared by every process: process {first - 1} cannot see "
+            f"the lock file the main process wrote there; put output_dir on a filesystem "
+            "every node mounts"
+        )
+
+
+def _holder_of(path: Path) -> dict[str, Any]:
+    """What the lock file at ``path`` says of its holder ({} when it cannot be read)."""
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}

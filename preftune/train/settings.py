@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from accelerate.utils import convert_file_size_to_int
+
+from preftune.errors import ConfigError
 from preftune.fields import check_fields, option
 from preftune.train.trackers import check_trackers
 
@@ -54,6 +57,20 @@ class TrainSettings:
         "a step with a non-finite loss or gradient is skipped; stop after N in a row (0: never)",
         at_least=0,
     )
+    distributed: str = option(
+        "ddp",
+        "how several processes share the model: ddp (a whole copy on each, gradients averaged) "
+        "| fsdp2 (PyTorch's fully_shard: parameters, gradients and optimizer state sharded per "
+        "decoder layer)",
+        ("ddp", "fsdp2"),
+    )
+    fsdp_cpu_offload: bool = option(
+        False, "fsdp2: keep the sharded parameters and optimizer state in CPU memory"
+    )
+    max_shard_size: str = option(
+        "5GB",
+        "largest safetensors file of the saved model (bigger models are split, with an index)",
+    )
     allow_data_change: bool = option(
         False,
         "resume from a checkpoint although the training data changed since (rows edited, added, "
@@ -63,3 +80,12 @@ class TrainSettings:
     def __post_init__(self) -> None:
         check_fields(self, "train")
         check_trackers(self.report_to)
+        try:
+            size = convert_file_size_to_int(self.max_shard_size)
+        except ValueError:
+            size = 0
+        if size <= 0:
+            raise ConfigError(
+                f"train.max_shard_size={self.max_shard_size!r} is not a size: give bytes with a "
+                "unit, e.g. 5GB, 500MB or 2GiB"
+            )

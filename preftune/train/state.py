@@ -1,23 +1,218 @@
-"""Model state in and out of a run: the one module through which the loop and the commands save
-and load the trained modules' weights, and choose what evaluation runs on.
+"""Model state in and out of a run: the one module through which the commands and the loop shard
+the model, run its backward and update, save and load the trained modules' weights, and choose
+what evaluation runs on.
 
 Unsharded (one process, or DDP), each module is written whole by the main process from its
-unwrapped form and read back by every process; this is where a sharded engine (FSDP2, ZeRO-3)
-will gather or shard instead.
+unwrapped form and read back by every process. Sharded (``train.distributed=fsdp2``: PyTorch's
+``fully_shard``, each decoder layer a unit and the model the root), every process writes and
+reads its own shards with ``torch.distributed.checkpoint``: no process ever holds the whole
+model or optimizer state, except the main one when the final model is gathered into a Hugging
+Face directory. Under DeepSpeed (an accelerate config with ``distributed_type: DEEPSPEED``,
+ZeRO stage 2 or 3), the engine owns the update: its micro-batches' gradients are accumulated
+and reduced by it, it steps at the step's last micro-batch, and it writes its own checkpoint
+files, which are staged, checksummed and renamed like any other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from preftune.errors import TrainingError
-from preftune.train.checkpoint import load_checkpoint, save_checkpoint
+from preftune.errors import ConfigError, TrainingError
+from preftune.models.load import decoder_layers
+from preftune.shares import decide_on_main
+from preftune.train import checkpoint
 from preftune.train.guard import newest_intact_phrase
-from preftune.train.shared import decide_on_main
+from preftune.train.settings import TrainSettings
+
+SHARDS = "sharded"
+"""The directory of a sharded checkpoint's model and optimizer shards."""
+ENGINE = "deepspeed"
+"""The directory of a DeepSpeed checkpoint's files, as the engine writes them."""
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def shard(model: torch.nn.Module, acc: Accelerator, settings: TrainSettings) -> torch.nn.Module:
+    """``model`` sharded over the processes with ``fully_shard`` when
+    ``train.distributed=fsdp2``, each decoder layer its own unit and the model the root; as it
+    is otherwise. Parameters are kept in float32 and, under mixed precision, gathered in its
+    dtype with gradients reduced in float32."""
+    if settings.distributed != "fsdp2":
+        return model
+    _join(acc)
+    mesh = dist.device_mesh.init_device_mesh(acc.device.type, (acc.num_processes,))
+    options: dict[str, Any] = {"mesh": mesh}
+    if acc.mixed_precision in PRECISIONS:
+        precision = PRECISIONS[acc.mixed_precision]
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=precision, reduce_dtype=torch.float32
+        )
+    if settings.fsdp_cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(
+            f"train.distributed=fsdp2: {type(model).__name__} has no layers marked as decoder "
+            "layers to shard by"
+        )
+    # A model still on the CPU moves to the device one unit at a time as it is sharded: no
+    # device ever holds the whole of it.
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def before_sharding(
+    acc: Accelerator, settings: TrainSettings, reference: bool = False
+) -> torch.device:
+    """Where a model waits until it is sharded: the CPU under FSDP2 (:func:`shard` moves it to
+    the device a layer at a time), and for a frozen ``reference`` under ZeRO-3 too (its
+    inference engine moves it a parameter at a time), so no device holds it whole; else this
+    process's device. A ZeRO-3 policy is moved whole: DeepSpeed partitions it when the run is
+    prepared, after the cached reference pass has run on it."""
+    on_cpu = settings.distributed == "fsdp2" or (reference and zero3(acc))
+    return torch.device("cpu") if on_cpu else acc.device
+
+
+def zero3(acc: Accelerator) -> bool:
+    """Whether the run partitions parameters with DeepSpeed ZeRO stage 3."""
+    if not is_deepspeed(acc):
+        return False
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    return bool(config.get("zero_optimization", {}).get("stage") == 3)
+
+
+def prepare_reference(
+    reference: torch.nn.Module, acc: Accelerator, settings: TrainSettings
+) -> torch.nn.Module:
+    """A frozen reference model distributed as the policy will be: sharded the same way under
+    FSDP2; under ZeRO stage 3, partitioned by an inference engine of its own (so no process
+    holds it whole); as it is otherwise."""
+    if settings.distributed == "fsdp2":
+        return shard(reference, acc, settings)
+    if not zero3(acc):
+        return reference
+    import deepspeed
+
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    micro = settings.micro_batch_size or settings.batch_size // acc.num_processes
+    inference = {
+        "zero_optimization": {"stage": 3},
+        "train_micro_batch_size_per_gpu": micro,
+        "train_batch_size": micro * acc.num_processes,
+    }
+    for precision in ("bf16", "fp16"):
+        if config.get(precision, {}).get("enabled") is True:
+            inference[precision] = {"enabled": True}
+    engine, *_ = deepspeed.initialize(model=reference, config=inference)
+    engine.eval()
+    return engine
+
+
+def _join(acc: Accelerator) -> None:
+    """One process alone has no process group to shard over: make it one of one."""
+    if not dist.is_initialized():
+        backend = "nccl" if acc.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every parameter of a sharded model back to its shard (after a forward outside
+    training, the root's stay gathered)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextmanager
+def accumulating(acc: Accelerator, model: torch.nn.Module, sync: bool) -> Iterator[None]:
+    """Within the context, a backward adds to the gradients without synchronising them across
+    processes unless ``sync``: the micro-batches of a step but its last."""
+    if sync or is_deepspeed(acc):  # DeepSpeed: the engine is told where the step ends
+        yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with acc.no_sync(model) if acc.num_processes > 1 else nullcontext():
+            yield
+
+
+def is_deepspeed(acc: Accelerator) -> bool:
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def configure_deepspeed(acc: Accelerator, settings: TrainSettings, micro: int) -> None:
+    """The batch and clipping settings of the DeepSpeed config, from ``train.*``: one global
+    batch per optimizer step, of ``micro`` examples per process per forward."""
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = settings.batch_size // (acc.num_processes * micro)
+    config["train_batch_size"] = settings.batch_size
+    config["gradient_clipping"] = settings.max_grad_norm or 0.0
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # The final model is gathered whole from the partitions when it is saved.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def backward(acc: Accelerator, model: torch.nn.Module, loss: torch.Tensor, sync: bool) -> None:
+    """Backpropagate ``loss``; ``sync``: it is the step's last micro-batch. A DeepSpeed engine
+    takes the loss as scaled here (not divided by the accumulation steps again) and updates
+    the weights at the step's last micro-batch."""
+    if not is_deepspeed(acc):
+        acc.backward(loss)
+        return
+    engine: Any = model
+    engine.set_gradient_accumulation_boundary(sync)
+    engine.backward(loss, scale_wrt_gas=False)
+    engine.step()
+
+
+def lockstep(acc: Accelerator, model: torch.nn.Module) -> bool:
+    """Whether every process must take part in each forward of ``model`` (it gathers its
+    parameters from all of them): sharded by FSDP, or partitioned by ZeRO stage 3."""
+    if is_sharded(model):
+        return True
+    if not is_deepspeed(acc):
+        return False
+    stage = acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
+    return stage == 3
+
+
+def clip_gradients(
+    acc: Accelerator,
+    model: torch.nn.Module,
+    parameters: Sequence[torch.nn.Parameter],
+    max_norm: float,
+) -> float | None:
+    """Clip the global gradient norm of ``parameters`` to ``max_norm``; returns the norm before.
+    A DeepSpeed engine has clipped and stepped already: its norm, when it computed one."""
+    if is_deepspeed(acc):
+        engine: Any = model
+        norm = engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+    norm = acc.clip_grad_norm_(parameters, max_norm)
+    if isinstance(norm, DTensor):  # sharded gradients: the norm over every shard
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def save(
@@ -32,18 +227,49 @@ def save(
 ) -> None:
     """Checkpoint ``step``; a failed write (a full disk) is one line on every process, the
     checkpoints written before it intact."""
+    model = modules["model"]
+    try:
+        if is_sharded(model) or is_deepspeed(acc):
+            _save_parts(acc, output_dir, step, model, optimizer, scheduler, keep, identity)
+            return
 
-    def write() -> None:
-        unwrapped = {name: acc.unwrap_model(module) for name, module in modules.items()}
-        try:
-            save_checkpoint(output_dir, step, unwrapped, optimizer, scheduler, keep, identity)
-        except OSError as error:
-            raise TrainingError(
-                f"cannot write the checkpoint of step {step} in {output_dir}: "
-                f"{error.strerror or error}; stopped, {newest_intact_phrase(output_dir)}"
-            ) from None
+        def write() -> None:
+            unwrapped = {name: acc.unwrap_model(module) for name, module in modules.items()}
+            checkpoint.save_checkpoint(
+                output_dir, step, unwrapped, optimizer, scheduler, keep, identity
+            )
 
-    decide_on_main(acc, write)
+        decide_on_main(acc, write)
+    except OSError as error:
+        raise TrainingError(
+            f"cannot write the checkpoint of step {step} in {output_dir}: "
+            f"{error.strerror or error}; stopped, {newest_intact_phrase(output_dir)}"
+        ) from None
+
+
+def _save_parts(
+    acc: Accelerator,
+    output_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    keep: int,
+    identity: dict[str, Any],
+) -> None:
+    """Every process writes its part (its shards; a DeepSpeed engine's files) into one staging
+    directory; then the main process writes the rest and renames it into place."""
+    staging = decide_on_main(acc, lambda: checkpoint.stage(output_dir, step))
+    if is_deepspeed(acc):
+        engine: Any = model
+        engine.save_checkpoint(str(staging / ENGINE), tag="state", save_latest=False)
+    else:
+        from torch.distributed.checkpoint import save as save_shards
+
+        save_shards(_state_dicts(model, optimizer), checkpoint_id=str(staging / SHARDS))
+    acc.wait_for_everyone()
+    training = {"scheduler": scheduler.state_dict()}
+    decide_on_main(acc, lambda: checkpoint.commit(staging, step, identity, training, keep))
 
 
 def load(
@@ -55,15 +281,80 @@ def load(
 ) -> dict[str, Any]:
     """Restore the checkpoint at ``path`` into ``modules`` (wrapped or not), the optimizer and
     the scheduler, on every process; returns its ``state.json``."""
-    unwrapped = {name: acc.unwrap_model(module) for name, module in modules.items()}
-    return load_checkpoint(path, unwrapped, optimizer, scheduler)
+    model = modules["model"]
+    if is_deepspeed(acc):
+        if not (path / ENGINE).is_dir():
+            raise ConfigError(f"{path} was not written by DeepSpeed: resume as it was written")
+        engine: Any = model
+        engine.load_checkpoint(str(path / ENGINE), tag="state", load_lr_scheduler_states=False)
+        scheduler.load_state_dict(checkpoint.load_training_state(path)["scheduler"])
+        return checkpoint.read_state(path)
+    if not is_sharded(model):
+        unwrapped = {name: acc.unwrap_model(module) for name, module in modules.items()}
+        return checkpoint.load_checkpoint(path, unwrapped, optimizer, scheduler)
+    from torch.distributed.checkpoint import load as load_shards
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if not (path / SHARDS).is_dir():
+        raise ConfigError(f"{path} is not a sharded checkpoint: resume with train.distributed=ddp")
+    state = _state_dicts(model, optimizer)
+    load_shards(state, checkpoint_id=str(path / SHARDS))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    scheduler.load_state_dict(checkpoint.load_training_state(path)["scheduler"])
+    return checkpoint.read_state(path)
+
+
+def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    return {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+    }
+
+
+def full_state_dict(acc: Accelerator, model: torch.nn.Module) -> dict[str, Any] | None:
+    """A sharded or partitioned model's whole state dict, gathered to the main process's CPU
+    memory (every process must call this); None for a model each process holds whole."""
+    if is_deepspeed(acc):
+        # ``model`` may be the module as loaded; the engine holds its partitions.
+        engine = acc.deepspeed_engine_wrapped.engine
+        return acc.get_state_dict(engine)
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def for_evaluation(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The module evaluation runs its forward passes through."""
-    return acc.unwrap_model(model)
+    """The module evaluation runs its forward passes through: a sharded or partitioned model as
+    it is (every process must take part in each forward), else the unwrapped one."""
+    return model if lockstep(acc, model) else acc.unwrap_model(model)
 
 
-def save_pretrained(acc: Accelerator, model: torch.nn.Module, directory: Path) -> None:
-    """``model`` as a Hugging Face model directory (safetensors), from the main process."""
-    acc.unwrap_model(model).save_pretrained(directory, safe_serialization=True)
+def save_pretrained(
+    acc: Accelerator,
+    model: torch.nn.Module,
+    directory: Path,
+    state_dict: dict[str, Any] | None,
+    max_shard_size: str,
+) -> None:
+    """``model`` as a Hugging Face model directory of safetensors files (split at
+    ``max_shard_size``, with an index), from the main process; ``state_dict``, when given, is
+    its gathered weights (see :func:`full_state_dict`)."""
+    module = acc.unwrap_model(model)
+    options: dict[str, Any] = {"safe_serialization": True, "max_shard_size": max_shard_size}
+    if state_dict is not None:
+        # A tied weight is saved once, under its source's name, as the model would save it.
+        tied = getattr(module, "all_tied_weights_keys", None) or {}
+        options["state_dict"] = {k: v for k, v in state_dict.items() if k not in tied}
+    module.save_pretrained(directory, **options)

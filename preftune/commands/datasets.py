@@ -1,0 +1,159 @@
+"""The datasets of a training command: read, checked, tokenized, reported, and kept in the
+examples cache when they are large."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Protocol, TypeVar
+
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
+
+from preftune.commands.common import RunConfig
+from preftune.data.cache import Stored, cacheable, stored
+from preftune.data.check import describe_skipped
+from preftune.data.chunked import Recipe
+from preftune.data.encode import Budget, TruncationReport
+from preftune.data.streamed import ROW_READERS
+from preftune.errors import ConfigError, DataError, PreftuneError
+from preftune.models.refcache import cache_root
+from preftune.shares import decide_on_main, on_every_node
+
+Records = TypeVar("Records")
+Records_co = TypeVar("Records_co", covariant=True)
+Records_contra = TypeVar("Records_contra", contravariant=True)
+Example = TypeVar("Example")
+
+
+class Load(Protocol[Records_co]):
+    """A reader of :mod:`preftune.data.readers` (``load_pairs``, …): a dataset's records and
+    its layout."""
+
+    def __call__(
+        self, spec: str, split: str, skipped: list[DataError] | None, /
+    ) -> tuple[Records_co, str]: ...
+
+
+class Encode(Protocol[Records_contra, Example]):
+    """An encoder of :mod:`preftune.data.encode` (``encode_pairs``, …) that takes the records
+    of its reader."""
+
+    def __call__(
+        self,
+        records: Records_contra,
+        tokenizer: PreTrainedTokenizerBase,
+        budget: Budget,
+        /,
+        *,
+        source: str = ...,
+        skipped: list[DataError] | None = ...,
+    ) -> tuple[list[Example], TruncationReport]: ...
+
+
+def train_and_eval_sets(
+    cfg: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    acc: Accelerator,
+    load: Load[Records],
+    encode: Encode[Records, Example],
+) -> tuple[Sequence[Example], Sequence[Example] | None]:
+    """``data.train`` and ``data.eval`` (None when unset), each read with ``load`` and encoded
+    with ``encode`` (:func:`encoded_dataset`)."""
+    train_set = encoded_dataset(cfg, tokenizer, cfg.data.train, "train", acc, load, encode)
+    if train_set is None:
+        raise ConfigError("data.train is required: a data file, directory or hub dataset")
+    eval_set = encoded_dataset(cfg, tokenizer, cfg.data.eval, "test", acc, load, encode)
+    return train_set, eval_set
+
+
+def encoded_dataset(
+    cfg: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    source: str | None,
+    split: str,
+    acc: Accelerator,
+    load: Load[Records],
+    encode: Encode[Records, Example],
+) -> Sequence[Example] | None:
+    """Read, validate and tokenize one dataset (None when ``source`` is), reporting what
+    truncation did to it and, with ``data.on_error=skip``, which malformed rows were left out
+    and why.
+
+    A local source of ``preftune.data.cache.MIN_BYTES`` or more is read once, by the main
+    process, into the examples cache, which every process then maps from disk
+    (:func:`_cached_examples`); a smaller one is read into memory by each process."""
+    if source is None:
+        return None
+    read = ROW_READERS.get(load)
+    if read is not None and cacheable(source, tokenizer):
+        recipe = Recipe(read, encode, tokenizer, cfg.data.budget())
+        found = _cached_examples(cfg, source, split, acc, recipe)
+        _describe(acc, source, found.layout, found.report, found.skipped_errors())
+        return found.examples()
+    skipped: list[DataError] | None = [] if cfg.data.on_error == "skip" else None
+    records, layout = load(source, split, skipped)
+    examples, report = encode(records, tokenizer, cfg.data.budget(), source=source, skipped=skipped)
+    _describe(acc, source, layout, report, skipped or [])
+    return examples
+
+
+def _cached_examples(
+    cfg: RunConfig, source: str, split: str, acc: Accelerator, recipe: Recipe
+) -> Stored:
+    """The examples cache's entry for ``source``, in ``examples/`` beside the reference cache
+    (``speed.cache_dir`` where the command has it, else ``$PREFTUNE_CACHE``, else
+    ``~/.cache/preftune``). The main process reads or computes it while the others wait; on a
+    node that does not see it there (a disk of its own), the node's first process makes the
+    node's copy. Every process then maps the entry from its own node's disk."""
+    speed = getattr(cfg, "speed", None)
+    directory = cache_root(speed.cache_dir if speed is not None else None).parent / "examples"
+
+    def store() -> Stored:
+        try:
+            return stored(
+                source,
+                split,
+                recipe,
+                directory,
+                collect=cfg.data.on_error == "skip",
+                num_proc=cfg.data.num_proc,
+                say=acc.print if acc.is_main_process else _say_here(acc),
+            )
+        except OSError as error:  # the disk, not a bug: one line, on every process
+            where = f"{error.filename}: " if error.filename else ""
+            raise PreftuneError(
+                f"{source}: examples cache: {where}{error.strerror or error}"
+            ) from None
+
+    found = decide_on_main(acc, store)
+    here = replace(found, path=directory / found.path.name)
+    on_every_node(acc, here.complete, store)
+    return here
+
+
+def _say_here(acc: Accelerator) -> Callable[[str], None]:
+    """Print a line from this process, naming it."""
+    return lambda line: print(f"[process {acc.process_index}] {line}", flush=True)
+
+
+def _describe(
+    acc: Accelerator,
+    source: str,
+    layout: str,
+    report: TruncationReport,
+    skipped: list[DataError],
+) -> None:
+    """The dataset's start line, the rows left out, and an error when none is left."""
+    acc.print(f"{source}: layout {layout}; {report.summary()}")
+    if skipped:
+        acc.print(describe_skipped(source, skipped))
+    _check_not_empty(source, report, skipped)
+
+
+def _check_not_empty(source: str, report: TruncationReport, skipped: list[DataError]) -> None:
+    if report.rows == 0 and skipped:
+        message = f"no usable rows: all {len(skipped)} are malformed; the first: {skipped[0]}"
+        raise DataError(source, message)
+    if report.kept == 0:
+        raise ConfigError(f"{source}: no rows left after truncation; raise data.max_length")
