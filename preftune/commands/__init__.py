@@ -3,7 +3,7 @@ one-line summary, config class, runner) into :data:`REGISTRY`, which the command
 
 from __future__ import annotations
 
-from preftune.commands import data_check, demo, dpo, kto, rm, score, sft, spin
+from preftune.commands import data_check, demo, dpo, kto, rl, rm, score, sft, spin
 from preftune.commands.common import Command
 
 REGISTRY: dict[str, Command] = {
@@ -14,6 +14,8 @@ REGISTRY: dict[str, Command] = {
         kto.COMMAND,
         spin.COMMAND,
         rm.COMMAND,
+        rl.PPO,
+        rl.RLOO,
         score.COMMAND,
         demo.COMMAND,
         data_check.COMMAND,

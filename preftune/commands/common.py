@@ -35,7 +35,7 @@ from preftune.train.plots import plot_metrics
 from preftune.train.resume import find_resume_point, run_identity
 from preftune.train.run_dir import mark
 from preftune.train.settings import TrainSettings
-from preftune.train.sources import ExampleBatches
+from preftune.train.sources import BatchSource, ExampleBatches
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -152,23 +152,26 @@ def train_and_save(
     train_set: Sequence[Any],
     eval_set: Sequence[Any] | None,
     finish: bool = True,
+    source: BatchSource | None = None,
 ) -> dict[str, float]:
     """Train, then save the model, tokenizer and card to ``cfg.output_dir``; ``finish=False``
-    leaves the accelerator's processes joined for another run.
+    leaves the accelerator's processes joined for another run. Batches come from ``source``,
+    else from ``train_set`` (:class:`~preftune.train.sources.ExampleBatches`).
 
     Before anything is written there, the run is compared with the newest intact checkpoint
     (config and training data) and refused in one line if it differs."""
     output_dir = Path(cfg.output_dir)
     config = to_dict(cfg)
     identity, resume = _start(cfg, command, config, train_set, acc)
-    source = ExampleBatches(
-        train_set,
-        objective.collate,
-        cfg.train,
-        cfg.seed,
-        process_index=acc.process_index,
-        num_processes=acc.num_processes,
-    )
+    if source is None:
+        source = ExampleBatches(
+            train_set,
+            objective.collate,
+            cfg.train,
+            cfg.seed,
+            process_index=acc.process_index,
+            num_processes=acc.num_processes,
+        )
     run = Run(
         accelerator=acc,
         model=model,

@@ -104,3 +104,34 @@ def collate_comparisons(
         "places": torch.tensor([row + [-1] * (width - len(row)) for row in places]),
         "margin": torch.tensor([example.margin for example in examples], dtype=torch.float32),
     }
+
+
+def padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as a zero-padded (N, T) float32 tensor and its mask."""
+    width = max((len(row) for row in rows), default=0)
+    values = torch.zeros(len(rows), width)
+    mask = torch.zeros(len(rows), width)
+    for index, row in enumerate(rows):
+        values[index, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        mask[index, : len(row)] = 1.0
+    return values, mask
+
+
+def rollout_batch(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Prompts left-padded to one width, then responses right-padded to another (the layout of
+    sampled responses, see :mod:`preftune.models.rollout_logps`)."""
+    prompt_width = max(len(ids) for ids in prompts)
+    response_width = max(len(ids) for ids in responses)
+    input_ids, attention, response_mask = [], [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        left, right = prompt_width - len(prompt), response_width - len(response)
+        input_ids.append([pad_id] * left + prompt + response + [pad_id] * right)
+        attention.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
+        response_mask.append([1.0] * len(response) + [0.0] * right)
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "attention_mask": torch.tensor(attention),
+        "response_mask": torch.tensor(response_mask),
+    }

@@ -87,3 +87,54 @@ class SPINSettings:
         for key, value in (("temperature", self.temperature), ("top_p", self.top_p)):
             if not self.do_sample and value != 1.0:
                 raise ConfigError(f"spin.{key} has no effect with spin.do_sample=false")
+
+
+@dataclass
+class RolloutSettings:
+    """What the policy-gradient commands share: how rollouts are cut and reused, the clip of
+    the policy ratio, and the KL penalty toward the reference."""
+
+    rollout_size: int = option(
+        0,
+        "prompts sampled per rollout (0: train.batch_size); each rollout is then trained on for "
+        "`epochs` passes of train.batch_size samples per optimizer step",
+        at_least=0,
+    )
+    epochs: int = option(4, "passes over each rollout, each in a new random order", at_least=1)
+    clip: float = option(0.2, "ε: the policy ratio is clipped to [1 - ε, 1 + ε]", above=0)
+    kl_coef: float = option(
+        0.05, "β_KL: per-token penalty β_KL (log π - log π_ref) on the reward", at_least=0
+    )
+    kl_target: float | None = option(
+        None,
+        "adaptive β_KL: the KL per sequence to steer toward (null: β_KL stays fixed)",
+        above=0,
+    )
+    kl_horizon: int = option(
+        10000, "samples over which the adaptive β_KL moves by up to 20%", at_least=1
+    )
+
+
+@dataclass
+class PPOSettings(RolloutSettings):
+    gamma: float = option(1.0, "γ: discount of GAE", at_least=0, at_most=1)
+    lam: float = option(0.95, "λ: GAE's trade-off of bias against variance", at_least=0, at_most=1)
+    value_clip: float = option(
+        0.2, "values move at most this far from the rollout's (0: no clip)", at_least=0
+    )
+    vf_coef: float = option(0.1, "weight of the value loss", at_least=0)
+    entropy_coef: float = option(0.0, "weight of the entropy bonus", at_least=0)
+    whiten_advantages: bool = option(True, "whiten the rollout's advantages")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "ppo")
+
+
+@dataclass
+class RLOOSettings(RolloutSettings):
+    k: int = option(
+        4, "samples per prompt; each is baselined by the mean reward of the others", at_least=2
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "rloo")

@@ -1,0 +1,162 @@
+"""``preftune ppo`` and ``preftune rloo``: policy optimisation against a reward, with a per-token
+KL penalty toward the starting policy, on rollouts sampled as training goes (RLHF's last stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
+
+from preftune.commands.common import (
+    Command,
+    RunConfig,
+    make_accelerator,
+    maybe_lora,
+    model_spec,
+    train_and_save,
+)
+from preftune.data.encode import encode_demos, encode_pairs, encode_rated
+from preftune.data.readers import load_records
+from preftune.errors import ConfigError, DataError
+from preftune.models.load import load_model, load_tokenizer
+from preftune.models.lora import apply_lora, is_lora
+from preftune.models.reference import AdapterDisabled, FrozenCopy
+from preftune.models.rollout_logps import ValueModel, response_logps
+from preftune.objectives.policy_gradient import PolicyGradientObjective
+from preftune.objectives.settings import PPOSettings, RLOOSettings
+from preftune.train.rewards import load_reward
+from preftune.train.rollout_settings import GenerationSettings, RewardSettings
+from preftune.train.rollouts import EncodedPrompt, Rollouts, Scoring
+from preftune.train.run_dir import claimed
+
+ENCODERS: dict[str, Any] = {"pairs": encode_pairs, "sft": encode_demos, "unpaired": encode_rated}
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+
+
+@dataclass
+class RLOOConfig(RunConfig):
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
+    rloo: RLOOSettings = field(default_factory=RLOOSettings)
+
+
+def run_ppo(cfg: PPOConfig) -> dict[str, float]:
+    return _run(cfg, "ppo", cfg.ppo, 1)
+
+
+def run_rloo(cfg: RLOOConfig) -> dict[str, float]:
+    return _run(cfg, "rloo", cfg.rloo, cfg.rloo.k)
+
+
+def _run(
+    cfg: PPOConfig | RLOOConfig, name: str, rl: PPOSettings | RLOOSettings, k: int
+) -> dict[str, float]:
+    _check(cfg, name)
+    acc = make_accelerator(cfg)
+    with claimed(cfg.output_dir, acc):
+        tokenizer = load_tokenizer(model_spec(cfg))
+        prompts = load_prompts(cfg, tokenizer, acc)
+        base = load_model(model_spec(cfg), tokenizer).to(acc.device)
+        value = _value_model(cfg, base) if isinstance(rl, PPOSettings) else None
+        model = maybe_lora(cfg, base)
+        reference: AdapterDisabled | FrozenCopy
+        if is_lora(model):
+            reference = AdapterDisabled(model, response_logps)
+        else:
+            reference = FrozenCopy(model, acc.device, response_logps)
+        objective = PolicyGradientObjective(name, rl, tokenizer.pad_token_id, value)
+        reward = load_reward(cfg.reward, acc.device)
+        scoring = Scoring(model, reference, value, reward, tokenizer)
+        source = Rollouts(
+            prompts,
+            scoring,
+            objective.collate,
+            rl,
+            k,
+            cfg.generation,
+            cfg.reward,
+            cfg.train,
+            cfg.seed,
+            acc,
+        )
+        return train_and_save(
+            cfg, name, acc, model, tokenizer, objective, prompts, None, source=source
+        )
+
+
+def _check(cfg: PPOConfig | RLOOConfig, name: str) -> None:
+    cfg.reward.check()
+    if cfg.train.distributed != "ddp":
+        raise ConfigError(f"preftune {name} runs under train.distributed=ddp only, for now")
+    if cfg.generation.backend == "vllm":
+        if not torch.cuda.is_available():
+            raise ConfigError("generation.backend=vllm needs a GPU: use generation.backend=hf")
+        raise ConfigError("generation.backend=vllm is not available yet: use generation.backend=hf")
+    if cfg.data.eval is not None:
+        raise ConfigError(
+            f"preftune {name} has no evaluation set: its metrics are those of each rollout; "
+            "unset data.eval"
+        )
+
+
+def _value_model(cfg: RunConfig, base: torch.nn.Module) -> ValueModel:
+    """PPO's value model: a copy of the starting policy's network with a scalar head, with LoRA
+    adapters of its own when the policy has them (then only they and the head train)."""
+    value = ValueModel(base)
+    if cfg.lora.r > 0:
+        value.body = apply_lora(value.body, cfg.lora, "FEATURE_EXTRACTION")
+    return value
+
+
+def load_prompts(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, acc: Accelerator
+) -> list[EncodedPrompt]:
+    """The prompts of ``data.train``: rows of any kind preftune reads (pairs, demonstrations,
+    judged completions), tokenized and fitted as training on them would, each prompt once."""
+    source = cfg.data.train
+    if source is None:
+        raise ConfigError("data.train is required: rows with a prompt to sample from")
+    skipped: list[DataError] | None = [] if cfg.data.on_error == "skip" else None
+    records, layout, kind = load_records(source, "train", "auto", skipped)
+    examples, report = ENCODERS[kind](
+        records, tokenizer, cfg.data.budget(), source=source, skipped=skipped
+    )
+    prompts: dict[tuple[int, ...], EncodedPrompt] = {}
+    for example in examples:
+        ids = tuple(example.prompt_ids)
+        if ids not in prompts:
+            text = str(tokenizer.decode(example.prompt_ids, skip_special_tokens=True))
+            prompts[ids] = EncodedPrompt(list(ids), text, example.row)
+    acc.print(
+        f"{source}: {kind} rows, layout {layout}; {report.summary()}; {len(prompts)} distinct "
+        "prompts"
+    )
+    if skipped:
+        acc.print(f"{source}: {len(skipped)} rows left out (data.on_error=skip)")
+    if not prompts:
+        raise DataError(source, "no prompts to sample from")
+    return list(prompts.values())
+
+
+PPO = Command(
+    "ppo",
+    "RLHF: optimise the policy against a reward with PPO, KL-penalised toward the start",
+    PPOConfig,
+    run_ppo,
+)
+RLOO = Command(
+    "rloo",
+    "optimise the policy against a reward with REINFORCE leave-one-out (k samples a prompt)",
+    RLOOConfig,
+    run_rloo,
+)

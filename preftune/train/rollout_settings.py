@@ -1,0 +1,57 @@
+"""Keys of rollouts: how completions are sampled (``generation.*``) and scored (``reward.*``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from preftune.errors import ConfigError
+from preftune.fields import check_fields, option
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = option(64, "longest sampled response in tokens", at_least=1)
+    temperature: float = option(1.0, "sampling temperature", above=0)
+    top_p: float = option(
+        1.0,
+        "nucleus sampling: draw from the likeliest tokens holding this much probability",
+        above=0,
+        at_most=1,
+    )
+    batch_size: int = option(
+        16, "prompts per generation batch (a batch is the unit of work a process takes)", at_least=1
+    )
+    backend: str = option(
+        "hf", "hf (transformers' generate) or vllm (GPU only; pip install vllm)", ("hf", "vllm")
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "generation")
+
+
+@dataclass
+class RewardSettings:
+    model: str | None = option(
+        None, "a reward model directory written by `preftune rm`; or set reward.function"
+    )
+    function: str | None = option(
+        None, "module:callable taking (prompt, completion) texts and returning a float"
+    )
+    missing_eos_penalty: float = option(
+        0.0, "subtracted from the reward of a response that does not end (no EOS)", at_least=0
+    )
+    whiten: bool = option(False, "whiten each rollout's rewards (mean 0, variance 1)")
+    clip: float = option(
+        0.0, "clip rewards to [-clip, clip] after whitening (0: no clip)", at_least=0
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "reward")
+
+    def check(self) -> None:
+        """Exactly one source of rewards, checked when a run starts."""
+        if (self.model is None) == (self.function is None):
+            raise ConfigError(
+                "set exactly one of reward.model (a `preftune rm` directory) and reward.function "
+                "(module:callable)"
+            )
