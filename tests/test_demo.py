@@ -9,6 +9,7 @@ import pytest
 
 from preftune.config import load_config
 from preftune.demo.settings import DemoConfig
+from preftune.errors import ConfigError
 
 pytest.importorskip("vaderSentiment")
 pytest.importorskip("matplotlib")
@@ -29,6 +30,12 @@ SHRUNKEN = [
     "dpo.batch_size=4",
     "eval.prompts=8",
     "eval.samples_per_prompt=2",
+    "rl.kl_coefs=[0.1]",
+    "rl.steps=2",
+    "rl.batch_size=4",
+    "rl.rollout_size=8",
+    "rl.epochs=1",
+    "rl.rloo_k=2",
 ]
 
 
@@ -44,6 +51,10 @@ def test_shrunken_demo_writes_results_and_plots(tmp_path: Path) -> None:
         ("dpo", 0.1),
         ("dpo", 0.5),
         ("preferred-ft", None),
+        ("unlikelihood", None),
+        ("ppo", 0.1),
+        ("ppo-gt", 0.1),
+        ("rloo", 0.05),
     ]
     for row in rows:
         assert -1 <= row["reward"] <= 1
@@ -56,6 +67,19 @@ def test_shrunken_demo_writes_results_and_plots(tmp_path: Path) -> None:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pairs = (out / "data" / "pairs_train.jsonl").read_text().splitlines()
     assert pairs and all(json.loads(p)["chosen"] != json.loads(p)["rejected"] for p in pairs)
+    assert (out / "reward-model" / "model.safetensors").exists()  # PPO's learned reward
+
+
+def test_methods_select_what_the_demo_trains(tmp_path: Path) -> None:
+    from preftune.commands.demo import run_demo
+
+    out = tmp_path / "demo"
+    cfg = load_config(DemoConfig, None, [f"output_dir={out}", *SHRUNKEN, "methods=[rloo]"])
+    run_demo(cfg)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sft", "rloo"]
+    with pytest.raises(ConfigError, match="methods: unknown method 'ppo_gt'; did you mean ppo-gt"):
+        load_config(DemoConfig, None, ["methods=[ppo_gt]"])
 
 
 def test_reward_model_judges_the_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

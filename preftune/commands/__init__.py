@@ -3,7 +3,7 @@ one-line summary, config class, runner) into :data:`REGISTRY`, which the command
 
 from __future__ import annotations
 
-from preftune.commands import data_check, demo, dpo, kto, rl, rm, score, sft, spin
+from preftune.commands import data_check, demo, dpo, kto, rl, rm, score, sft, spin, unlikelihood
 from preftune.commands.common import Command
 
 REGISTRY: dict[str, Command] = {
@@ -11,6 +11,7 @@ REGISTRY: dict[str, Command] = {
     for command in (
         dpo.COMMAND,
         sft.COMMAND,
+        unlikelihood.COMMAND,
         kto.COMMAND,
         spin.COMMAND,
         rm.COMMAND,

@@ -16,22 +16,28 @@ from typing import Any
 
 from preftune.commands.common import Command
 from preftune.commands.dpo import DPOConfig, run_dpo
+from preftune.commands.rl import PPOConfig, RLOOConfig, run_ppo, run_rloo
+from preftune.commands.rm import RMConfig, run_rm
 from preftune.commands.sft import SFTConfig, run_sft
+from preftune.commands.unlikelihood import UnlikelihoodConfig, run_unlikelihood
 from preftune.data.settings import DataSettings
 from preftune.data.sources import read_rows
 from preftune.demo.corpus import generate_reviews, split_opening
 from preftune.demo.evaluate import Policy, evaluate_policies, sample_pairs
-from preftune.demo.judge import load_judge
+from preftune.demo.judge import Judge, load_judge
 from preftune.demo.report import write_report
 from preftune.demo.settings import DemoConfig
 from preftune.errors import ConfigError
 from preftune.losses.settings import LossSettings
 from preftune.models.settings import ModelSettings
 from preftune.models.tiny import build_model, build_tokenizer
+from preftune.objectives.settings import PPOSettings, RLOOSettings, UnlikelihoodSettings
+from preftune.train.rollout_settings import GenerationSettings, RewardSettings
 from preftune.train.run_dir import check_output_dir, mark
 from preftune.train.settings import TrainSettings
 
 MAX_LENGTH = 128
+GROUND_TRUTH = "preftune.demo.judge:vader_reward"
 # Big enough to write fluent reviews after a few hundred steps on two CPU cores.
 TINY_SIZES = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
 
@@ -67,28 +73,118 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     pairs_eval = _write_jsonl(out / "data" / "pairs_eval.jsonl", eval_pairs)
 
     policies = [Policy("sft", None, sft_dir)]
-    for beta in cfg.dpo.betas:
-        run_dir = out / f"dpo-beta{beta:g}"
-        metrics = run_dpo(_dpo_config(cfg, sft_dir, pairs_train, pairs_eval, beta, run_dir))
-        policies.append(Policy("dpo", beta, run_dir, metrics.get("eval/rewards/accuracies")))
-    preferred = _write_jsonl(out / "data" / "preferred.jsonl", best)
-    preferred_dir = out / "preferred-ft"
-    run_sft(
-        _sft_config(
-            cfg,
-            str(sft_dir),
-            preferred,
-            preferred_dir,
-            cfg.dpo.steps,
-            cfg.dpo.preferred_ft_learning_rate,
-            cfg.dpo.batch_size,
+    if "dpo" in cfg.methods:
+        for beta in cfg.dpo.betas:
+            run_dir = out / f"dpo-beta{beta:g}"
+            metrics = run_dpo(_dpo_config(cfg, sft_dir, pairs_train, pairs_eval, beta, run_dir))
+            policies.append(Policy("dpo", beta, run_dir, metrics.get("eval/rewards/accuracies")))
+    if "preferred-ft" in cfg.methods:
+        preferred = _write_jsonl(out / "data" / "preferred.jsonl", best)
+        preferred_dir = out / "preferred-ft"
+        run_sft(
+            _sft_config(
+                cfg,
+                str(sft_dir),
+                preferred,
+                preferred_dir,
+                cfg.dpo.steps,
+                cfg.dpo.preferred_ft_learning_rate,
+                cfg.dpo.batch_size,
+            )
         )
-    )
-    policies.append(Policy("preferred-ft", None, preferred_dir))
+        policies.append(Policy("preferred-ft", None, preferred_dir))
+    if "unlikelihood" in cfg.methods:
+        unlikely_dir = out / "unlikelihood"
+        run_unlikelihood(_unlikelihood_config(cfg, sft_dir, pairs_train, unlikely_dir))
+        policies.append(Policy("unlikelihood", None, unlikely_dir))
+    policies += _rl_policies(cfg, out, sft_dir, corpus.pair_prompts, pairs_train, judge)
 
     rows = evaluate_policies(policies, sft_dir, corpus.eval_prompts, judge, cfg)
     write_report(out, rows, policies, judge.name)
     return rows
+
+
+def _rl_policies(
+    cfg: DemoConfig, out: Path, sft_dir: Path, prompts: list[str], pairs: Path, judge: Judge
+) -> list[Policy]:
+    """PPO against a reward model trained on the demo's pairs, PPO-GT and RLOO against the
+    ground truth, all sampling the prompts the pairs were sampled from."""
+    wanted = [method for method in ("ppo", "ppo-gt", "rloo") if method in cfg.methods]
+    if not wanted:
+        return []
+    prompt_rows = _write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    truth = (
+        RewardSettings(function=GROUND_TRUTH)
+        if cfg.judge == "vader"
+        else RewardSettings(model=cfg.judge)
+    )
+    policies = []
+    if "ppo" in wanted:
+        rm_dir = out / "reward-model"
+        run_rm(_rm_config(cfg, sft_dir, pairs, rm_dir))
+        learned = RewardSettings(model=str(rm_dir))
+        for coef in cfg.rl.kl_coefs:
+            run_dir = out / f"ppo-kl{coef:g}"
+            run_ppo(_rl_config(PPOConfig, cfg, sft_dir, prompt_rows, learned, coef, run_dir))
+            policies.append(Policy("ppo", coef, run_dir))
+    if "ppo-gt" in wanted:
+        for coef in cfg.rl.kl_coefs:
+            run_dir = out / f"ppo-gt-kl{coef:g}"
+            run_ppo(_rl_config(PPOConfig, cfg, sft_dir, prompt_rows, truth, coef, run_dir))
+            policies.append(Policy("ppo-gt", coef, run_dir))
+    if "rloo" in wanted:
+        run_dir = out / "rloo"
+        coef = cfg.rl.rloo_kl_coef
+        run_rloo(_rl_config(RLOOConfig, cfg, sft_dir, prompt_rows, truth, coef, run_dir))
+        policies.append(Policy("rloo", coef, run_dir))
+    return policies
+
+
+def _rl_config(kind, cfg, model, prompts, reward, kl_coef, output_dir):
+    r = cfg.rl
+    common = {"rollout_size": r.rollout_size, "epochs": r.epochs, "kl_coef": kl_coef}
+    if kind is RLOOConfig:
+        # k samples a prompt: as many samples per rollout as PPO's.
+        rollout = max(1, r.rollout_size // r.rloo_k)
+        method = {"rloo": RLOOSettings(**common | {"rollout_size": rollout}, k=r.rloo_k)}
+    else:
+        method = {"ppo": PPOSettings(**common)}
+    return kind(
+        **_run_keys(cfg, model, prompts, output_dir, r.steps, r.batch_size, r.learning_rate),
+        generation=GenerationSettings(
+            max_new_tokens=cfg.pairs.max_new_tokens,
+            temperature=cfg.pairs.temperature,
+            batch_size=r.rollout_size,
+        ),
+        reward=reward,
+        **method,
+    )
+
+
+def _rm_config(cfg, model, pairs, output_dir) -> RMConfig:
+    d = cfg.dpo
+    return RMConfig(
+        **_run_keys(cfg, model, pairs, output_dir, d.steps, d.batch_size, d.learning_rate)
+    )
+
+
+def _unlikelihood_config(cfg, model, pairs, output_dir) -> UnlikelihoodConfig:
+    d = cfg.dpo
+    return UnlikelihoodConfig(
+        **_run_keys(cfg, model, pairs, output_dir, d.steps, d.batch_size, d.learning_rate),
+        unlikelihood=UnlikelihoodSettings(alpha=cfg.rl.unlikelihood_alpha),
+    )
+
+
+def _run_keys(cfg, model, data, output_dir, steps, batch_size, learning_rate) -> dict[str, Any]:
+    """The keys every stage's run sets: seed, output_dir, model, data.train and train.*."""
+    return {
+        "seed": cfg.seed,
+        "output_dir": str(output_dir),
+        "model": ModelSettings(path=str(model), dtype=cfg.model.dtype),
+        "data": DataSettings(train=str(data), max_length=MAX_LENGTH, max_prompt_length=None),
+        "train": _train_config(steps, batch_size, learning_rate),
+    }
 
 
 def load_corpus(cfg: DemoConfig) -> Corpus:
@@ -131,13 +227,7 @@ def prepare_base_model(cfg: DemoConfig, reviews: list[str], directory: Path) -> 
 
 
 def _sft_config(cfg, model, data, output_dir, steps, learning_rate, batch_size) -> SFTConfig:
-    return SFTConfig(
-        seed=cfg.seed,
-        output_dir=str(output_dir),
-        model=ModelSettings(path=str(model), dtype=cfg.model.dtype),
-        data=DataSettings(train=str(data), max_length=MAX_LENGTH, max_prompt_length=None),
-        train=_train_config(steps, batch_size, learning_rate),
-    )
+    return SFTConfig(**_run_keys(cfg, model, data, output_dir, steps, batch_size, learning_rate))
 
 
 def _dpo_config(cfg, model, train, evaluation, beta, output_dir) -> DPOConfig:

@@ -19,8 +19,10 @@ from preftune.commands.common import (
     model_spec,
     train_and_save,
 )
+from preftune.data.check import describe_skipped
 from preftune.data.encode import encode_demos, encode_pairs, encode_rated
-from preftune.data.readers import load_records
+from preftune.data.readers import records_from_rows
+from preftune.data.sources import Rows, read_rows
 from preftune.errors import ConfigError, DataError
 from preftune.models.load import load_model, load_tokenizer
 from preftune.models.lora import apply_lora, is_lora
@@ -121,31 +123,74 @@ def _value_model(cfg: RunConfig, base: torch.nn.Module) -> ValueModel:
 def load_prompts(
     cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, acc: Accelerator
 ) -> list[EncodedPrompt]:
-    """The prompts of ``data.train``: rows of any kind preftune reads (pairs, demonstrations,
-    judged completions), tokenized and fitted as training on them would, each prompt once."""
+    """The prompts of ``data.train``, one per row: rows with a ``prompt`` alone (text, or
+    messages rendered with the chat template and its generation prompt), or rows of any kind
+    preftune trains on (pairs, demonstrations, judged completions), whose prompts are tokenized
+    and fitted as training on them would. A prompt keeps its last ``data.max_prompt_length``
+    tokens."""
     source = cfg.data.train
     if source is None:
         raise ConfigError("data.train is required: rows with a prompt to sample from")
     skipped: list[DataError] | None = [] if cfg.data.on_error == "skip" else None
-    records, layout, kind = load_records(source, "train", "auto", skipped)
-    examples, report = ENCODERS[kind](
-        records, tokenizer, cfg.data.budget(), source=source, skipped=skipped
-    )
-    prompts: dict[tuple[int, ...], EncodedPrompt] = {}
-    for example in examples:
-        ids = tuple(example.prompt_ids)
-        if ids not in prompts:
-            text = str(tokenizer.decode(example.prompt_ids, skip_special_tokens=True))
-            prompts[ids] = EncodedPrompt(list(ids), text, example.row)
-    acc.print(
-        f"{source}: {kind} rows, layout {layout}; {report.summary()}; {len(prompts)} distinct "
-        "prompts"
-    )
+    rows = read_rows(source, "train", skipped)
+    if rows and all(set(row) == {"prompt"} for _, row in rows):
+        prompts = _bare_prompts(source, rows, tokenizer, cfg.data.max_prompt_length, skipped)
+        what = "prompt rows"
+    else:
+        records, layout, kind = records_from_rows(source, rows, "auto", skipped)
+        examples, report = ENCODERS[kind](
+            records, tokenizer, cfg.data.budget(), source=source, skipped=skipped
+        )
+        seen: set[int | None] = set()
+        prompts = []
+        for example in examples:  # ranked rows give several pairs: one prompt per row
+            if example.row is None or example.row not in seen:
+                seen.add(example.row)
+                text = str(tokenizer.decode(example.prompt_ids, skip_special_tokens=True))
+                prompts.append(EncodedPrompt(list(example.prompt_ids), text, example.row))
+        what = f"{kind} rows, layout {layout}; {report.summary()}"
+    acc.print(f"{source}: {what}; {len(prompts)} prompts")
     if skipped:
-        acc.print(f"{source}: {len(skipped)} rows left out (data.on_error=skip)")
+        acc.print(describe_skipped(source, skipped))
     if not prompts:
         raise DataError(source, "no prompts to sample from")
-    return list(prompts.values())
+    return prompts
+
+
+def _bare_prompts(
+    source: str,
+    rows: Rows,
+    tokenizer: PreTrainedTokenizerBase,
+    budget: int | None,
+    skipped: list[DataError] | None,
+) -> list[EncodedPrompt]:
+    prompts = []
+    for number, row in rows:
+        prompt = row["prompt"]
+        try:
+            if isinstance(prompt, str) and prompt:
+                ids = list(tokenizer(prompt).input_ids)
+            elif isinstance(prompt, list) and prompt:
+                text = tokenizer.apply_chat_template(
+                    prompt, tokenize=False, add_generation_prompt=True
+                )
+                # The template writes the special tokens it wants.
+                ids = list(tokenizer(str(text), add_special_tokens=False).input_ids)
+            else:
+                raise DataError(
+                    source, "expected a non-empty text or message list", number, "prompt"
+                )
+        except DataError as error:
+            if skipped is None:
+                raise
+            skipped.append(error)
+            continue
+        except Exception as error:  # a chat template is code shipped with the model: one line
+            raise DataError(source, f"cannot render: {error}", number, "prompt") from None
+        ids = ids[-budget:] if budget else ids
+        text = str(tokenizer.decode(ids, skip_special_tokens=True))
+        prompts.append(EncodedPrompt(ids, text, number))
+    return prompts
 
 
 PPO = Command(

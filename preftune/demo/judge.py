@@ -44,3 +44,15 @@ def sentiment_judge() -> Judge:
         ]
 
     return Judge("VADER", score)
+
+
+_VADER: list[Judge] = []
+
+
+def vader_reward(prompt: str, completion: str) -> float:
+    """VADER's compound score of the prompt and completion read as one text, as the judge
+    gives it: the demo's ground truth as a reward function for ``preftune ppo`` and ``preftune
+    rloo`` (``reward.function=preftune.demo.judge:vader_reward``)."""
+    if not _VADER:
+        _VADER.append(sentiment_judge())
+    return _VADER[0].score([prompt], [completion])[0]

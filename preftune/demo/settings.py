@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
+from preftune.errors import ConfigError
 from preftune.fields import check_fields, option
+
+METHODS = ("dpo", "preferred-ft", "unlikelihood", "ppo", "ppo-gt", "rloo")
+"""The methods the demo can train from the SFT policy, in the order it trains them."""
 
 
 @dataclass
@@ -77,6 +82,31 @@ class StageDPOSettings:
 
 
 @dataclass
+class StageRLSettings:
+    kl_coefs: list[float] = option(
+        [0.05, 0.2], "β_KL of each PPO and PPO-GT policy trained", at_least=0
+    )
+    steps: int = option(
+        128,
+        "optimizer steps of each PPO, PPO-GT and RLOO run (128: 2048 samples, as many as the "
+        "pairs are drawn from)",
+        at_least=1,
+    )
+    batch_size: int = option(32, "samples per step", at_least=1)
+    rollout_size: int = option(64, "prompts per rollout", at_least=1)
+    epochs: int = option(2, "passes over each rollout", at_least=1)
+    learning_rate: float = option(1e-4, "PPO and RLOO peak learning rate", above=0)
+    rloo_k: int = option(4, "RLOO samples per prompt", at_least=2)
+    rloo_kl_coef: float = option(0.05, "β_KL of the RLOO policy", at_least=0)
+    unlikelihood_alpha: float = option(
+        1.0, "weight of the Unlikelihood term (its run has dpo.steps of dpo.batch_size)", at_least=0
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "rl")
+
+
+@dataclass
 class EvalSettings:
     prompts: int = option(512, "held-out prompts each policy is sampled on", at_least=1)
     samples_per_prompt: int = option(2, "completions per prompt", at_least=1)
@@ -103,7 +133,19 @@ class DemoConfig:
     sft: StageSFTSettings = field(default_factory=StageSFTSettings)
     pairs: PairsSettings = field(default_factory=PairsSettings)
     dpo: StageDPOSettings = field(default_factory=StageDPOSettings)
+    rl: StageRLSettings = field(default_factory=StageRLSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    methods: list[str] = option(
+        list(METHODS),
+        "policies to train besides SFT: " + ", ".join(METHODS),
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        for method in self.methods:
+            if method not in METHODS:
+                near = difflib.get_close_matches(method, METHODS, n=1)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                raise ConfigError(
+                    f"methods: unknown method {method!r}{hint} (known: {', '.join(METHODS)})"
+                )

@@ -138,3 +138,13 @@ class RLOOSettings(RolloutSettings):
 
     def __post_init__(self) -> None:
         check_fields(self, "rloo")
+
+
+@dataclass
+class UnlikelihoodSettings:
+    alpha: float = option(
+        1.0, "α: weight of the rejected tokens' unlikelihood −Σ log(1 − π)", at_least=0
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "unlikelihood")
