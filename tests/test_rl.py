@@ -78,6 +78,7 @@ def test_first_step_of_a_rollout_has_ratio_one_and_the_run_saves(tmp_path: Path)
     assert first["clipfrac"] == 0 and first["approx_kl"] < 1e-10
     assert first["kl"] == pytest.approx(0, abs=1e-5)  # the reference is the starting policy
     assert (out / "model.safetensors").exists() and (out / "checkpoints").exists()
+    assert (out / "metrics.png").exists() and "ppo" in (out / "README.md").read_text()
 
 
 def _mean(records: list[dict], key: str, steps: range) -> float:

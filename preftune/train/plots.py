@@ -15,6 +15,10 @@ PANELS = (
     ("implicit reward", ("rewards/chosen", "rewards/rejected")),
     ("reward margin", ("rewards/margins",)),
     ("pair accuracy", ("rewards/accuracies",)),
+    ("reward of samples", ("reward",)),
+    ("KL to the reference", ("kl",)),
+    ("policy-gradient losses", ("policy_loss", "value_loss")),
+    ("entropy", ("entropy",)),
 )
 
 
