@@ -19,7 +19,7 @@ from preftune.cli import main
 from preftune.data.collate import rollout_batch
 from preftune.models.rollout_logps import ValueModel, response_logps
 from tests.architectures import build
-from tests.conftest import LAUNCHER, ROOT, SAMPLE_TRAIN, read_metrics
+from tests.conftest import LAUNCHER, ROOT, SAMPLE_SFT, SAMPLE_TRAIN, read_metrics
 from tests.test_resume import environment, logged_step
 
 TOY = "reward.function=tests.toy_rewards:lowercase"
@@ -81,6 +81,24 @@ def test_first_step_of_a_rollout_has_ratio_one_and_the_run_saves(tmp_path: Path)
     assert (out / "metrics.png").exists() and "ppo" in (out / "README.md").read_text()
 
 
+def test_the_pretraining_term_does_not_depend_on_how_a_step_is_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One step, as one micro-batch of 8 or two of 4: the same losses and gradient norm, the
+    ptx term a mean per demonstration token either way."""
+    records = []
+    for micro in (8, 4):
+        out = tmp_path / str(micro)
+        ptx = ["ppo.ptx_coef=2.0", f"data.ptx={SAMPLE_SFT}", f"train.micro_batch_size={micro}"]
+        status = main(["ppo", *RUN, "train.max_steps=1", *ptx, f"output_dir={out}"])
+        assert status == 0, capsys.readouterr().err[-2000:]
+        records.append(read_metrics(out)[0])
+    whole, split = records
+    assert whole["ptx_loss"] > 0
+    for key in ("ptx_loss", "policy_loss", "value_loss", "grad_norm"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+
+
 def _mean(records: list[dict], key: str, steps: range) -> float:
     values = [r[key] for r in records if r["step"] in steps]
     return sum(values) / len(values)
@@ -117,6 +135,8 @@ def test_two_processes_train_as_one(tmp_path: Path, command: str) -> None:
     """Two rollouts (the second sampled by the updated policy), each sampled in generation
     batches the two processes share out."""
     extra = ["rloo.k=2", "rloo.rollout_size=4"] if command == "rloo" else ["ppo.rollout_size=8"]
+    if command == "ppo":  # with the pretraining term, whose batches the processes share too
+        extra += ["ppo.ptx_coef=0.5", f"data.ptx={SAMPLE_SFT}"]
     run = [command, *RUN, "train.max_steps=8", *extra, f"{command}.epochs=2"]
     one = preftune(*run, "train.micro_batch_size=4", f"output_dir={tmp_path / 'one'}")
     two = preftune(*run, f"output_dir={tmp_path / 'two'}", launcher=LAUNCHER)
@@ -124,7 +144,13 @@ def test_two_processes_train_as_one(tmp_path: Path, command: str) -> None:
     single, double = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(single) == len(double) == 8
     for a, b in zip(single, double, strict=True):
-        for key in ("policy_loss", "reward", "kl", "grad_norm"):
+        for key in (
+            "policy_loss",
+            "reward",
+            "kl",
+            "grad_norm",
+            *(["ptx_loss"] * (command == "ppo")),
+        ):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
 
 
@@ -174,6 +200,7 @@ def test_a_run_killed_mid_rollout_resumes_exactly(tmp_path: Path) -> None:
         ([TOY, "train.distributed=fsdp2"], "runs under train.distributed=ddp only"),
         ([TOY, "generation.backend=vllm"], "generation.backend=vllm needs a GPU"),
         ([TOY, "ppo.rollout_size=12"], "does not split into train.batch_size=8"),
+        ([TOY, "ppo.ptx_coef=0.5"], "ppo.ptx_coef and data.ptx go together"),
     ],
 )
 def test_bad_settings_are_one_line(

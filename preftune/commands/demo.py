@@ -16,7 +16,7 @@ from typing import Any
 
 from preftune.commands.common import Command
 from preftune.commands.dpo import DPOConfig, run_dpo
-from preftune.commands.rl import PPOConfig, RLOOConfig, run_ppo, run_rloo
+from preftune.commands.rl import PPOConfig, PPODataSettings, RLOOConfig, run_ppo, run_rloo
 from preftune.commands.rm import RMConfig, run_rm
 from preftune.commands.sft import SFTConfig, run_sft
 from preftune.commands.unlikelihood import UnlikelihoodConfig, run_unlikelihood
@@ -149,8 +149,13 @@ def _rl_config(kind, cfg, model, prompts, reward, kl_coef, output_dir):
         method = {"rloo": RLOOSettings(**common | {"rollout_size": rollout}, k=r.rloo_k)}
     else:
         method = {"ppo": PPOSettings(**common)}
+    keys = _run_keys(cfg, model, prompts, output_dir, r.steps, r.batch_size, r.learning_rate)
+    if kind is PPOConfig:
+        keys["data"] = PPODataSettings(
+            train=str(prompts), max_length=MAX_LENGTH, max_prompt_length=None
+        )
     return kind(
-        **_run_keys(cfg, model, prompts, output_dir, r.steps, r.batch_size, r.learning_rate),
+        **keys,
         generation=GenerationSettings(
             max_new_tokens=cfg.pairs.max_new_tokens,
             temperature=cfg.pairs.temperature,

@@ -19,11 +19,14 @@ from preftune.commands.common import (
     model_spec,
     train_and_save,
 )
+from preftune.commands.datasets import encoded_dataset
 from preftune.data.check import describe_skipped
 from preftune.data.encode import encode_demos, encode_pairs, encode_rated
-from preftune.data.readers import records_from_rows
+from preftune.data.readers import load_demos, records_from_rows
+from preftune.data.settings import DataSettings
 from preftune.data.sources import Rows, read_rows
 from preftune.errors import ConfigError, DataError
+from preftune.fields import option
 from preftune.models.load import load_model, load_tokenizer
 from preftune.models.lora import apply_lora, is_lora
 from preftune.models.reference import AdapterDisabled, FrozenCopy
@@ -39,7 +42,15 @@ ENCODERS: dict[str, Any] = {"pairs": encode_pairs, "sft": encode_demos, "unpaire
 
 
 @dataclass
+class PPODataSettings(DataSettings):
+    ptx: str | None = option(
+        None, "demonstrations (prompt/completion or messages rows) for ppo.ptx_coef's term"
+    )
+
+
+@dataclass
 class PPOConfig(RunConfig):
+    data: PPODataSettings = field(default_factory=PPODataSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     reward: RewardSettings = field(default_factory=RewardSettings)
     ppo: PPOSettings = field(default_factory=PPOSettings)
@@ -79,6 +90,11 @@ def _run(
         objective = PolicyGradientObjective(name, rl, tokenizer.pad_token_id, value)
         reward = load_reward(cfg.reward, acc.device)
         scoring = Scoring(model, reference, value, reward, tokenizer)
+        ptx = None
+        if isinstance(cfg, PPOConfig) and cfg.data.ptx is not None:
+            ptx = encoded_dataset(
+                cfg, tokenizer, cfg.data.ptx, "train", acc, load_demos, encode_demos
+            )
         source = Rollouts(
             prompts,
             scoring,
@@ -90,6 +106,7 @@ def _run(
             cfg.train,
             cfg.seed,
             acc,
+            ptx,
         )
         return train_and_save(
             cfg, name, acc, model, tokenizer, objective, prompts, None, source=source
@@ -98,6 +115,11 @@ def _run(
 
 def _check(cfg: PPOConfig | RLOOConfig, name: str) -> None:
     cfg.reward.check()
+    if isinstance(cfg, PPOConfig) and (cfg.ppo.ptx_coef > 0) != (cfg.data.ptx is not None):
+        raise ConfigError(
+            "ppo.ptx_coef and data.ptx go together: set both (the pretraining term and its "
+            "demonstrations) or neither"
+        )
     if cfg.train.distributed != "ddp":
         raise ConfigError(f"preftune {name} runs under train.distributed=ddp only, for now")
     if cfg.generation.backend == "vllm":

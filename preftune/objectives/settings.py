@@ -125,6 +125,12 @@ class PPOSettings(RolloutSettings):
     vf_coef: float = option(0.1, "weight of the value loss", at_least=0)
     entropy_coef: float = option(0.0, "weight of the entropy bonus", at_least=0)
     whiten_advantages: bool = option(True, "whiten the rollout's advantages")
+    ptx_coef: float = option(
+        0.0,
+        "weight of the pretraining term: the next-token loss per token on data.ptx, mixed into "
+        "every step (0: off)",
+        at_least=0,
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, "ppo")

@@ -19,7 +19,7 @@ resumed between two of its steps continues exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +27,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from preftune.data.collate import padded, rollout_batch
+from preftune.data.collate import collate_demos, padded, rollout_batch
+from preftune.data.encode import EncodedDemo
 from preftune.errors import ConfigError
 from preftune.losses import ppo as math_ppo
 from preftune.models.generate import Sampling, generate_ids
@@ -99,8 +100,12 @@ class Rollouts:
         cfg: TrainSettings,
         seed: int,
         acc: Accelerator,
+        ptx: Sequence[EncodedDemo] | None = None,
     ) -> None:
         self.prompts, self.scoring, self.collate = prompts, scoring, collate
+        self.ptx = ptx
+        if ptx is not None and not ptx:
+            raise ConfigError("data.ptx has no usable demonstrations")
         self.rl, self.k, self.generation, self.rewards = rl, samples_per_prompt, generation, rewards
         self.seed, self.acc = seed, acc
         self.micro_batch_size = micro_batch_size(cfg, acc.num_processes)
@@ -134,8 +139,23 @@ class Rollouts:
         order = self._order(rollout, epoch)
         chosen = order[minibatch * self.batch_size : (minibatch + 1) * self.batch_size]
         mine = process_share(chosen, self.acc.process_index, self.acc.num_processes)
-        return [
+        batches = [
             self.collate([self.samples[i] for i in part])
+            for part in chunks(mine, self.micro_batch_size)
+        ]
+        return batches + self._ptx_batches(step)
+
+    def _ptx_batches(self, step: int) -> list[Batch]:
+        """With ``data.ptx``: this process's micro-batches of step ``step``'s demonstrations,
+        ``train.batch_size`` of them drawn by (seed, step), each marked ``ptx``."""
+        if self.ptx is None:
+            return []
+        generator = torch.Generator().manual_seed(self.seed * 100_019 + step)
+        drawn = torch.randint(len(self.ptx), (self.batch_size,), generator=generator).tolist()
+        mine = process_share(drawn, self.acc.process_index, self.acc.num_processes)
+        pad = self.scoring.tokenizer.pad_token_id
+        return [
+            collate_demos([self.ptx[i] for i in part], pad) | {"ptx": torch.ones(1)}
             for part in chunks(mine, self.micro_batch_size)
         ]
 
