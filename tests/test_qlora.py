@@ -87,6 +87,12 @@ def test_qlora_trains_and_merges_into_full_precision_weights(
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="bitsandbytes' CPU backend computes differently depending on which forwards a model "
+    "has run (with or without gradients), so a run resumed at step 2 drifts from one never "
+    "stopped (loss 0.422 against 0.411 at step 3); the GPU suite checks QLoRA on CUDA kernels",
+)
 def test_qlora_resumes_exactly(base: Path, tmp_path: Path) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     dpo(base, whole, "model.quantization=4bit")

@@ -87,7 +87,12 @@ def setup_paired(
         dtype = resolve_dtype(cfg.model.dtype, acc.device)
         score = _reference_score(model, objective.score)
         reference = ReferencePass(
-            model=model, score=score, collate=objective.collate, batch_size=batch_size, acc=acc
+            model=model,
+            score=score,
+            collate=objective.collate,
+            batch_size=batch_size,
+            acc=acc,
+            reuse=cfg.model.quantization == "none",
         )
         train_set = reference.attach(
             train_set, root / f"{cache_key(base_hash, train_set, dtype)}.safetensors", "train"

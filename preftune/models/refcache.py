@@ -107,11 +107,18 @@ class ReferencePass:
     collate: Collate
     batch_size: int
     acc: Accelerator
+    reuse: bool = True
+    """Read and write the cache. Off for quantized weights: bitsandbytes' CPU kernels compute
+    differently once a model has run them, so log-probs computed by another run would not
+    match this run's (each run computes its own, once, before training)."""
 
     def attach(self, examples: Sequence[EncodedPair], path: Path, label: str) -> WithReference:
         """``examples`` carrying their reference log-probabilities, read from ``path`` when it
-        exists, else computed and written there."""
+        exists, else computed and written there (computed alone without ``reuse``)."""
         acc = self.acc
+        if not self.reuse:
+            acc.print(f"{label}: reference log-probs computed for this run (quantized weights)")
+            return WithReference(examples, self.compute(examples, label))
         # Read by the main process and sent to the others: no other node needs the file.
         values = decide_on_main(acc, lambda: _read_cache(path, len(examples)))
         if isinstance(values, torch.Tensor):
