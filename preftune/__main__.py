@@ -1,5 +1,3 @@
-import sys
+from preftune.cli import run
 
-from preftune.cli import main
-
-sys.exit(main())
+run()

@@ -82,6 +82,19 @@ def _add_data_parser(commands: argparse._SubParsersAction) -> None:
     check.add_argument("items", nargs="*", metavar="PATH | key=value", help="dataset or override")
 
 
+def run() -> None:
+    """The command line's entry point: :func:`main`, then exit with its status. A process of a
+    multi-process run leaves at once, once its process group is left, without running the
+    interpreter's teardown: there, a communication thread still winding down could abort the
+    process (``terminate called without an active exception``) and fail a run that succeeded."""
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; every error a user or the machine causes is one line on stderr (with
     ``--debug`` or ``PREFTUNE_DEBUG=1``, its traceback); an internal error keeps its traceback,
