@@ -28,7 +28,7 @@ from preftune.models.reference import AdapterDisabled, FrozenCopy, Score
 from preftune.objectives.dpo import PairedObjective
 from preftune.objectives.settings import SpeedSettings
 from preftune.objectives.speed import choose_scoring
-from preftune.train import state
+from preftune.train import placement
 from preftune.train.run_dir import claimed
 from preftune.train.sources import micro_batch_size
 
@@ -62,7 +62,7 @@ def setup_paired(
     """The paired objective of ``cfg.loss`` for ``model``, whose weights as given are the
     reference: returns the policy (with LoRA adapters when ``lora.r`` is set), the objective
     and the two datasets, which carry their reference log-probs when those are cached."""
-    model.to(state.before_sharding(acc, cfg.train))
+    model.to(placement.before_sharding(acc, cfg.train))
     scoring, turned_off = choose_scoring(model, cfg.speed)
     if turned_off:
         acc.print(turned_off)
@@ -74,11 +74,11 @@ def setup_paired(
     if needs_reference and not cached and not is_lora(model):
         # A frozen copy of the starting weights, taken whole, then sharded as the policy is.
         frozen = FrozenCopy(
-            model, state.before_sharding(acc, cfg.train, reference=True), objective.score
+            model, placement.before_sharding(acc, cfg.train, reference=True), objective.score
         )
-        frozen.model = state.prepare_reference(frozen.model, acc, cfg.train)
+        frozen.model = placement.prepare_reference(frozen.model, acc, cfg.train)
         objective.reference = frozen
-    model = state.shard(model, acc, cfg.train)
+    model = placement.shard(model, acc, cfg.train)
     if cached:
         # Before the first update the policy is the reference: score the data with it once.
         micro = micro_batch_size(cfg.train, acc.num_processes)

@@ -20,7 +20,7 @@ from preftune.models.lora import is_lora
 from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.objectives.kto import KTOObjective, balance_warning
 from preftune.objectives.settings import KTOSettings
-from preftune.train import state
+from preftune.train import placement
 from preftune.train.run_dir import claimed
 from preftune.train.sources import micro_batch_size
 
@@ -53,9 +53,9 @@ def run_kto(cfg: KTOConfig) -> dict[str, float]:
         if is_lora(model):
             reference: AdapterDisabled | FrozenCopy = AdapterDisabled(model)
         else:  # a frozen copy of the starting weights, sharded as the policy is
-            reference = FrozenCopy(model, state.before_sharding(acc, cfg.train, reference=True))
-            reference.model = state.prepare_reference(reference.model, acc, cfg.train)
-        model = state.shard(model, acc, cfg.train)
+            reference = FrozenCopy(model, placement.before_sharding(acc, cfg.train, reference=True))
+            reference.model = placement.prepare_reference(reference.model, acc, cfg.train)
+        model = placement.shard(model, acc, cfg.train)
         objective = KTOObjective(cfg.kto, reference, tokenizer.pad_token_id)
         return train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
 

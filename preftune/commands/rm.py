@@ -18,7 +18,7 @@ from preftune.data.encode import encode_comparisons
 from preftune.data.readers import load_preferences
 from preftune.models.load import load_model, load_tokenizer
 from preftune.objectives.reward import RewardObjective
-from preftune.train import state
+from preftune.train import placement
 from preftune.train.run_dir import claimed
 
 
@@ -34,7 +34,7 @@ def run_rm(cfg: RMConfig) -> dict[str, float]:
         load, encode = load_preferences, encode_comparisons
         train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load, encode)
         model = maybe_lora(cfg, load_model(model_spec(cfg), tokenizer, reward=True), "SEQ_CLS")
-        model = state.shard(model, acc, cfg.train)
+        model = placement.shard(model, acc, cfg.train)
         objective = RewardObjective(tokenizer.pad_token_id)
         return train_and_save(cfg, "rm", acc, model, tokenizer, objective, train_set, eval_set)
 

@@ -17,7 +17,7 @@ from preftune.data.encode import encode_demos
 from preftune.data.readers import load_demos
 from preftune.models.load import load_model, load_tokenizer
 from preftune.objectives.sft import SFTObjective
-from preftune.train import state
+from preftune.train import placement
 from preftune.train.run_dir import claimed
 
 
@@ -32,7 +32,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, float]:
         tokenizer = load_tokenizer(model_spec(cfg))
         train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_demos, encode_demos)
         model = maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
-        model = state.shard(model, acc, cfg.train)
+        model = placement.shard(model, acc, cfg.train)
         objective = SFTObjective(tokenizer.pad_token_id)
         return train_and_save(cfg, "sft", acc, model, tokenizer, objective, train_set, eval_set)
 

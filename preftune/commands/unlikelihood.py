@@ -19,7 +19,7 @@ from preftune.data.readers import load_pairs
 from preftune.models.load import load_model, load_tokenizer
 from preftune.objectives.settings import UnlikelihoodSettings
 from preftune.objectives.unlikelihood import UnlikelihoodObjective
-from preftune.train import state
+from preftune.train import placement
 from preftune.train.run_dir import claimed
 
 
@@ -34,7 +34,7 @@ def run_unlikelihood(cfg: UnlikelihoodConfig) -> dict[str, float]:
         tokenizer = load_tokenizer(model_spec(cfg))
         train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_pairs, encode_pairs)
         model = maybe_lora(cfg, load_model(model_spec(cfg), tokenizer))
-        model = state.shard(model, acc, cfg.train)
+        model = placement.shard(model, acc, cfg.train)
         objective = UnlikelihoodObjective(cfg.unlikelihood, tokenizer.pad_token_id)
         return train_and_save(
             cfg, "unlikelihood", acc, model, tokenizer, objective, train_set, eval_set

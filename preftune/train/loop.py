@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from preftune.errors import ConfigError, TrainingError
 from preftune.objectives.base import Batch, Metrics, Objective, OwnsModules, StepAware
 from preftune.shares import decide_on_main, process_parts
-from preftune.train import state
+from preftune.train import placement, state
 from preftune.train.checkpoint import ResumePoint, newest_intact, remove_leftovers
 from preftune.train.guard import (
     NON_FINITE_WEIGHTS,
@@ -66,7 +66,7 @@ class Training:
             self.steps = cfg.epochs * source.steps_per_epoch
         objective = run.objective
         owned = dict(objective.modules) if isinstance(objective, OwnsModules) else {}
-        sharded = state.is_sharded(run.model)
+        sharded = placement.is_sharded(run.model)
         if sharded and owned:
             raise ConfigError(
                 f"train.distributed=fsdp2 does not shard the modules of objective "
@@ -75,11 +75,11 @@ class Training:
         if sharded:
             # A forward outside training (the reference pass) leaves the root's parameters
             # gathered; the optimizer must hold the sharded ones.
-            state.reshard(run.model)
+            placement.reshard(run.model)
         modules = {"model": run.model, **owned}
         optimizer = build_optimizer(list(modules.values()), cfg)
         self.scheduler = build_scheduler(optimizer, cfg, self.steps)
-        if state.is_deepspeed(acc):
+        if placement.is_deepspeed(acc):
             state.configure_deepspeed(acc, cfg, source.micro_batch_size)
         if sharded:  # already distributed, by fully_shard: only the optimizer is prepared
             prepared, self.optimizer = [run.model], acc.prepare(optimizer)
