@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +61,11 @@ def small_run(tmp_path: Path) -> list[str]:
         "train.log_every=1",
         f"output_dir={tmp_path / 'out'}",
     ]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Any:
+    """The tiny preset's byte-level tokenizer."""
+    from preftune.models.tiny import build_tokenizer
+
+    return build_tokenizer()

@@ -18,7 +18,8 @@ from preftune.errors import ConfigError
 from preftune.models.tiny import build_tokenizer
 from preftune.train.run_dir import check_shared
 from tests.conftest import ROOT, SAMPLE_TRAIN
-from tests.test_data_scale import LAUNCHED, whole
+from tests.test_data_cache import LAUNCHED
+from tests.test_data_scale import whole
 from tests.test_fsdp import COMMON, assert_same_losses, preftune
 from tests.test_resume import environment
 
