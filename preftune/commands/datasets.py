@@ -10,15 +10,25 @@ from typing import Protocol, TypeVar
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
-from preftune.commands.common import RunConfig
+from preftune.commands.common import (
+    RunConfig,
+    make_accelerator,
+    maybe_lora,
+    model_spec,
+    train_and_save,
+)
 from preftune.data.cache import Stored, cacheable, stored
 from preftune.data.check import describe_skipped
 from preftune.data.chunked import Recipe
 from preftune.data.encode import Budget, TruncationReport
 from preftune.data.streamed import ROW_READERS
 from preftune.errors import ConfigError, DataError, PreftuneError
+from preftune.models.load import load_model, load_tokenizer
 from preftune.models.refcache import cache_root
+from preftune.objectives.base import Objective
 from preftune.shares import decide_on_main, on_every_node
+from preftune.train import placement
+from preftune.train.run_dir import claimed
 
 Records = TypeVar("Records")
 Records_co = TypeVar("Records_co", covariant=True)
@@ -157,3 +167,25 @@ def _check_not_empty(source: str, report: TruncationReport, skipped: list[DataEr
         raise DataError(source, message)
     if report.kept == 0:
         raise ConfigError(f"{source}: no rows left after truncation; raise data.max_length")
+
+
+def train_on_dataset(
+    cfg: RunConfig,
+    command: str,
+    load: Load[Records],
+    encode: Encode[Records, Example],
+    objective: Callable[[PreTrainedTokenizerBase], Objective],
+    reward: bool = False,
+) -> dict[str, float]:
+    """The whole of a command that trains one model (a reward model with ``reward``) on
+    ``data.train`` read with ``load`` and ``encode``, with the objective ``objective(tokenizer)``
+    makes: claim ``output_dir``, read the data, load, adapt and shard the model, train, save."""
+    acc = make_accelerator(cfg)
+    with claimed(cfg.output_dir, acc):
+        tokenizer = load_tokenizer(model_spec(cfg))
+        train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load, encode)
+        base = load_model(model_spec(cfg), tokenizer, reward=reward)
+        model = maybe_lora(cfg, base, "SEQ_CLS" if reward else "CAUSAL_LM")
+        model = placement.shard(model, acc, cfg.train)
+        made = objective(tokenizer)
+        return train_and_save(cfg, command, acc, model, tokenizer, made, train_set, eval_set)

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preftune.commands.common import (
-    Command,
-    RunConfig,
-    make_accelerator,
-    maybe_lora,
-    model_spec,
-    train_and_save,
-)
-from preftune.commands.datasets import train_and_eval_sets
+from transformers import PreTrainedTokenizerBase
+
+from preftune.commands.common import Command, RunConfig
+from preftune.commands.datasets import train_on_dataset
 from preftune.data.encode import encode_comparisons
 from preftune.data.readers import load_preferences
-from preftune.models.load import load_model, load_tokenizer
 from preftune.objectives.reward import RewardObjective
-from preftune.train import placement
-from preftune.train.run_dir import claimed
 
 
 @dataclass
@@ -28,15 +20,10 @@ class RMConfig(RunConfig):
 
 
 def run_rm(cfg: RMConfig) -> dict[str, float]:
-    acc = make_accelerator(cfg)
-    with claimed(cfg.output_dir, acc):
-        tokenizer = load_tokenizer(model_spec(cfg))
-        load, encode = load_preferences, encode_comparisons
-        train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load, encode)
-        model = maybe_lora(cfg, load_model(model_spec(cfg), tokenizer, reward=True), "SEQ_CLS")
-        model = placement.shard(model, acc, cfg.train)
-        objective = RewardObjective(tokenizer.pad_token_id)
-        return train_and_save(cfg, "rm", acc, model, tokenizer, objective, train_set, eval_set)
+    def objective(tokenizer: PreTrainedTokenizerBase) -> RewardObjective:
+        return RewardObjective(tokenizer.pad_token_id)
+
+    return train_on_dataset(cfg, "rm", load_preferences, encode_comparisons, objective, reward=True)
 
 
 COMMAND = Command(

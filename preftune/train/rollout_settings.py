@@ -22,7 +22,7 @@ class GenerationSettings:
         16, "prompts per generation batch (a batch is the unit of work a process takes)", at_least=1
     )
     backend: str = option(
-        "hf", "hf (transformers' generate) or vllm (GPU only; pip install vllm)", ("hf", "vllm")
+        "hf", "hf (transformers' generate); vllm is not built yet and is refused", ("hf", "vllm")
     )
 
     def __post_init__(self) -> None:

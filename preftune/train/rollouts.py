@@ -164,10 +164,18 @@ class Rollouts:
         return torch.randperm(self.rollout_samples, generator=generator).tolist()
 
     def blame(self, step: int, micro_batches: list[int]) -> str:
-        rollout = (step - 1) // self.steps_per_rollout
-        rows = sorted({s.row for s in self.samples if s.row is not None})
+        rollout, within = divmod(step - 1, self.steps_per_rollout)
+        epoch, minibatch = divmod(within, self.minibatches)
+        start = minibatch * self.batch_size
+        chosen = self._order(rollout, epoch)[start : start + self.batch_size]
+        micro = self.micro_batch_size
+        if micro_batches:
+            chosen = [
+                i for part in micro_batches for i in chosen[part * micro : (part + 1) * micro]
+            ]
+        rows = sorted({row for i in chosen if (row := self.samples[i].row) is not None})
         shown = ", ".join(map(str, rows[:16])) + (", …" if len(rows) > 16 else "")
-        return f"rollout {rollout + 1}, sampled from the prompts of data.train rows: {shown}"
+        return f"rollout {rollout + 1}, samples of the prompts of data.train rows: {shown}"
 
     def describe(self) -> str:
         accumulation = self.batch_size // (self.acc.num_processes * self.micro_batch_size)
