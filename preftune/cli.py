@@ -83,16 +83,25 @@ def _add_data_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run() -> None:
-    """The command line's entry point: :func:`main`, then exit with its status. A process of a
-    multi-process run leaves at once, once its process group is left, without running the
-    interpreter's teardown: there, a communication thread still winding down could abort the
-    process (``terminate called without an active exception``) and fail a run that succeeded."""
+    """The command line's entry point: :func:`main`, then exit with its status. The processes of
+    a multi-process run wait for each other, then leave at once, without tearing down their
+    process group or running the interpreter's teardown: gloo can hang or abort there
+    (``terminate called without an active exception``) after a run that succeeded."""
     status = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if status == 0:  # a failed process must not wait for others that may never come
+            _barrier()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,18 +136,7 @@ def _run(args: argparse.Namespace) -> int:
         return run_data_check(config, paths, args.kind)
     command = REGISTRY[args.command]
     command.run(load_config(command.config, args.config, args.overrides))
-    _leave_processes()
     return 0
-
-
-def _leave_processes() -> None:
-    """Leave the run's process group together: a process that exits while the group's threads
-    still run can abort at exit (``terminate called without an active exception``)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _one_line(error: BaseException) -> str:

@@ -198,8 +198,16 @@ def train_and_save(
     decide_on_main(acc, save)
     acc.wait_for_everyone()
     if finish:
-        acc.end_training()
+        finish_trackers(acc)
     return metrics
+
+
+def finish_trackers(acc: Accelerator) -> None:
+    """Close the run's trackers. The process group is left to the command line, which leaves it
+    once every process is done (``accelerate``'s ``end_training`` would tear it down here, each
+    process on its own, where gloo can hang waiting for a process that already left)."""
+    for tracker in acc.trackers:
+        tracker.finish()
 
 
 def _start(

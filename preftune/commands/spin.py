@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from preftune.commands.common import (
     Command,
     RunConfig,
+    finish_trackers,
     make_accelerator,
     model_spec,
     train_and_save,
@@ -76,7 +77,7 @@ def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
             mark(Path(cfg.output_dir), "spin")
         records = _iterations(cfg, acc)
         _save_final(cfg, acc, records)
-    acc.end_training()
+    finish_trackers(acc)
     return records
 
 
