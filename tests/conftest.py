@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,15 @@ def accelerate_launch(*engine: str) -> list[str]:
 
 
 LAUNCHER = accelerate_launch("--multi_gpu")
+
+
+def fresh_launcher() -> list[str]:
+    """:data:`LAUNCHER` on a port no other launch used: a launch right after one killed with
+    SIGKILL then never meets that one's sockets (gloo has been seen to wait forever there)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [*LAUNCHER, "--main_process_port", str(port)]
 
 
 @pytest.fixture(autouse=True, scope="session")

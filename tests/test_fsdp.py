@@ -18,7 +18,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.conftest import LAUNCHER, ROOT, SAMPLE_EVAL, SAMPLE_SFT, SAMPLE_TRAIN, read_metrics
+from tests.conftest import (
+    LAUNCHER,
+    ROOT,
+    SAMPLE_EVAL,
+    SAMPLE_SFT,
+    SAMPLE_TRAIN,
+    fresh_launcher,
+    read_metrics,
+)
 from tests.test_resume import environment, logged_step
 
 COMMON = [
@@ -123,7 +131,7 @@ def launch(output_dir: Path, logs: Path) -> subprocess.Popen:
         *SHARDED,
         f"output_dir={output_dir}",
     ]
-    command = [*LAUNCHER, "-m", "preftune", *args]
+    command = [*fresh_launcher(), "-m", "preftune", *args]
     with open(logs / "stdout", "a") as out, open(logs / "stderr", "a") as err:
         return subprocess.Popen(
             command, cwd=ROOT, env=environment(), stdout=out, stderr=err, start_new_session=True

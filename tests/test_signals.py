@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.train.interrupt import REPEAT_WINDOW, Stopped, StopRequest
-from tests.conftest import LAUNCHER, ROOT
+from tests.conftest import ROOT, fresh_launcher
 from tests.test_resume import RUN as RESUME_RUN
 from tests.test_resume import environment, logged_step
 
@@ -92,13 +92,13 @@ def test_a_signal_saves_a_checkpoint_and_the_run_resumes_exactly(
 @pytest.mark.slow
 def test_sigterm_under_accelerate_launch_stops_every_process_at_one_step(tmp_path: Path) -> None:
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    finish(whole, LAUNCHER)
-    process = start(stopped, LAUNCHER)
+    finish(whole, fresh_launcher())
+    process = start(stopped, fresh_launcher())
     err = interrupt(process, stopped, signal.SIGTERM, after=5)
     assert process.returncode != 0
     assert "checkpoint saved; run the same command to resume" in err, err[-3000:]
     assert len(list((stopped / "checkpoints").glob("step-*"))) == 1
-    finish(stopped, LAUNCHER)
+    finish(stopped, fresh_launcher())
     expected, actual = (
         load_file(whole / "model.safetensors"),
         load_file(stopped / "model.safetensors"),
