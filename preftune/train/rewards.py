@@ -27,29 +27,35 @@ def load_reward(settings: RewardSettings, device: torch.device) -> Reward:
         scorer = RewardScorer(settings.model, device=device)
         return _checked(scorer.score, f"reward.model={settings.model}")
     assert settings.function is not None
-    function = import_function(settings.function)
+    return checked_function_scorer(settings.function, "reward.function")
+
+
+def checked_function_scorer(spec: str, key: str) -> Reward:
+    """The scorer of ``module:callable`` (named by config key ``key``), called on each
+    (prompt, completion), each score checked to be a finite number."""
+    function = import_function(spec, key)
 
     def score(prompts: list[str], completions: list[str]) -> list[float]:
         return [function(p, c) for p, c in zip(prompts, completions, strict=True)]
 
-    return _checked(score, f"reward.function={settings.function}")
+    return _checked(score, f"{key}={spec}")
 
 
-def import_function(spec: str) -> Callable[[str, str], float]:
+def import_function(spec: str, key: str = "reward.function") -> Callable[[str, str], float]:
     """``module:callable``, imported; one line naming what is missing otherwise."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
-        raise ConfigError(f"reward.function={spec!r}: expected module:callable, e.g. mypkg:score")
+        raise ConfigError(f"{key}={spec!r}: expected module:callable, e.g. mypkg:score")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ConfigError(f"reward.function={spec}: cannot import {module_name}: {error}") from None
+        raise ConfigError(f"{key}={spec}: cannot import {module_name}: {error}") from None
     function = getattr(module, name, None)
     if not callable(function):
         known = [key for key in vars(module) if callable(getattr(module, key))]
         near = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {module_name}:{near[0]}?" if near else ""
-        raise ConfigError(f"reward.function={spec}: {module_name} has no callable {name}{hint}")
+        raise ConfigError(f"{key}={spec}: {module_name} has no callable {name}{hint}")
     return function
 
 
