@@ -25,7 +25,7 @@ from preftune.models.load import load_model, load_tokenizer, resolve_dtype
 from preftune.models.lora import is_lora
 from preftune.models.refcache import ReferencePass, cache_key, cache_root, model_digest
 from preftune.models.reference import AdapterDisabled, FrozenCopy, Score
-from preftune.objectives.dpo import PairedObjective
+from preftune.objectives.dpo import PairedObjective, check_soft_labels
 from preftune.objectives.settings import SpeedSettings
 from preftune.objectives.speed import choose_scoring
 from preftune.train import placement
@@ -44,6 +44,10 @@ def run_dpo(cfg: DPOConfig) -> dict[str, float]:
     with claimed(cfg.output_dir, acc):
         tokenizer = load_tokenizer(model_spec(cfg))
         train_set, eval_set = train_and_eval_sets(cfg, tokenizer, acc, load_pairs, encode_pairs)
+        if cfg.loss.soft_labels:
+            check_soft_labels(train_set, str(cfg.data.train))
+            if eval_set is not None:
+                check_soft_labels(eval_set, str(cfg.data.eval))
         model = load_model(model_spec(cfg), tokenizer)
         model, objective, train_set, eval_set = setup_paired(
             cfg, acc, model, tokenizer.pad_token_id, train_set, eval_set

@@ -71,6 +71,11 @@ def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
             "preftune spin does not run under train.distributed=fsdp2 yet (each process "
             "generates its own completions, which a sharded model cannot): use ddp"
         )
+    if cfg.loss.soft_labels:
+        raise ConfigError(
+            "loss.soft_labels: spin's pairs (a demonstration and a sample) carry no "
+            "chosen_probability; unset it"
+        )
     acc = make_accelerator(cfg)
     with claimed(cfg.output_dir, acc):
         if acc.is_main_process:

@@ -31,10 +31,12 @@ EXAMPLE_KEY = b"preftune.example"
 
 
 class Column(NamedTuple):
-    """How one field of an encoded example is stored, and turned back into its Python value."""
+    """How one field of an encoded example is stored, and turned back into its Python value;
+    an ``optional`` field's None is stored as null."""
 
     type: pa.DataType
     to_python: Callable[[Any], Any] | None = None
+    optional: bool = False
 
 
 def _ranking(value: list[list[int]]) -> tuple[tuple[int, ...], ...]:
@@ -46,6 +48,7 @@ CONTENT: dict[type, dict[str, Column]] = {
         "prompt_ids": Column(IDS),
         "chosen_ids": Column(IDS),
         "rejected_ids": Column(IDS),
+        "chosen_probability": Column(pa.float64(), optional=True),
     },
     EncodedDemo: {"prompt_ids": Column(IDS), "completion_ids": Column(IDS)},
     EncodedRated: {
@@ -61,7 +64,9 @@ CONTENT: dict[type, dict[str, Column]] = {
     },
 }
 """The stored fields of each kind of example: its content, what the digest covers. Every kind
-also stores its ``row``; reference log-probs are attached later, never stored."""
+also stores its ``row``; reference log-probs are attached later, never stored. A file written
+before an optional field existed lacks its column: its examples read back with the field's
+default, None, as they were encoded then."""
 ROW = Column(pa.int64())
 EXAMPLE_TYPES = {example_type.__name__: example_type for example_type in CONTENT}
 
@@ -70,7 +75,7 @@ def schema(example_type: type) -> pa.Schema:
     """The Arrow schema of ``example_type``'s rows, naming the type in its metadata."""
     columns = {**CONTENT[example_type], "row": ROW}
     return pa.schema(
-        [pa.field(name, column.type, nullable=False) for name, column in columns.items()],
+        [pa.field(name, column.type, nullable=column.optional) for name, column in columns.items()],
         metadata={EXAMPLE_KEY: example_type.__name__.encode()},
     )
 
@@ -167,7 +172,11 @@ def batch_reader(batch: pa.RecordBatch) -> Reader:
     schema names, its fields read from zero-copy NumPy views of the columns."""
     example_type = EXAMPLE_TYPES[batch.schema.metadata[EXAMPLE_KEY].decode()]
     columns = {**CONTENT[example_type], "row": ROW}
-    fields = {name: _field_reader(batch.column(name), column) for name, column in columns.items()}
+    fields = {
+        name: _field_reader(batch.column(name), column)
+        for name, column in columns.items()
+        if name in batch.schema.names
+    }
 
     def read(index: int) -> Any:
         return example_type(**{name: field(index) for name, field in fields.items()})
@@ -187,6 +196,9 @@ def _field_reader(array: pa.Array, column: Column) -> Reader:
 def _value_reader(array: pa.Array) -> Reader:
     if not pa.types.is_list(array.type):
         values = array.to_numpy(zero_copy_only=False)
+        if array.null_count:
+            null = array.is_null().to_numpy(zero_copy_only=False)
+            return lambda index: None if null[index] else values[index].item()
         return lambda index: values[index].item()
     offsets = array.offsets.to_numpy()
     inner = array.values

@@ -19,11 +19,13 @@ def collate_pairs(examples: Sequence[EncodedPair], pad_id: int) -> dict[str, tor
     """A DPO batch of ``2B`` rows: the ``B`` chosen sequences, then the ``B`` rejected ones.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels``, each ``(2B, L)`` with ``L`` the
-    longest sequence in the batch.
+    longest sequence in the batch, and what :func:`reference_logps` and :func:`label_smoothing`
+    add.
     """
     chosen = [(example.prompt_ids, example.chosen_ids) for example in examples]
     rejected = [(example.prompt_ids, example.rejected_ids) for example in examples]
-    return _pad([*chosen, *rejected], pad_id) | reference_logps(examples)
+    padded = _pad([*chosen, *rejected], pad_id)
+    return padded | reference_logps(examples) | label_smoothing(examples)
 
 
 def reference_logps(examples: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
@@ -34,6 +36,15 @@ def reference_logps(examples: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
     chosen = [logps[0] for logps in known]
     rejected = [logps[1] for logps in known]
     return {"reference_logps": torch.tensor([*chosen, *rejected], dtype=torch.float32)}
+
+
+def label_smoothing(examples: Sequence[EncodedPair]) -> dict[str, torch.Tensor]:
+    """``{"label_smoothing": (B,)}``, each pair's soft label as a label-flip rate
+    ε = 1 − P(chosen ≻ rejected), when every pair carries its chosen probability."""
+    known = [e.chosen_probability for e in examples if e.chosen_probability is not None]
+    if not examples or len(known) < len(examples):
+        return {}
+    return {"label_smoothing": torch.tensor([1 - p for p in known], dtype=torch.float32)}
 
 
 def collate_rated(examples: Sequence[EncodedRated], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """A digest of tokenized examples: what a run trains on, by content.
 
 Two datasets get the same digest exactly when they encode to the same examples in the same
-order (token ids, labels, margins), wherever and however they were read. Where an example came
-from (its row number) and what is computed from it later (reference log-probs) do not count.
+order (token ids, labels, margins, chosen probabilities), wherever and however they were read.
+Where an example came from (its row number) and what is computed from it later (reference
+log-probs) do not count. An optional field counts only when set, so examples without it keep
+the digest they had before it existed (and with it the reference cache and resume checks).
 Examples that know their digest (``content_digest``: those kept in Arrow, digested as they were
 written) give it instead of being read again one by one.
 """
@@ -16,6 +18,8 @@ from collections.abc import Iterable
 from typing import Any
 
 NOT_CONTENT = ("row", "reference_logps")
+OPTIONAL_CONTENT = ("chosen_probability",)
+"""Fields digested only when they are not None."""
 
 
 def examples_digest(examples: Iterable[Any]) -> str:
@@ -38,8 +42,10 @@ class ExamplesDigest:
     def update(self, examples: Iterable[Any]) -> None:
         for example in examples:
             for field in dataclasses.fields(example):
-                if field.name not in NOT_CONTENT:
-                    _update(self._digest, getattr(example, field.name))
+                value = getattr(example, field.name)
+                if field.name in NOT_CONTENT or (value is None and field.name in OPTIONAL_CONTENT):
+                    continue
+                _update(self._digest, value)
             self._digest.update(b";")
 
     def hexdigest(self) -> str:

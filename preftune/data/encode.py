@@ -68,6 +68,8 @@ class EncodedPair:
     reference_logps: tuple[float, float] | None = None
     # The row of the source data it came from (1-based), where known.
     row: int | None = field(default=None, compare=False)
+    # The pair's P(chosen ≻ rejected), where its row gives one: its soft label.
+    chosen_probability: float | None = None
 
 
 @dataclass
@@ -169,9 +171,16 @@ def encode_pairs(
     the prompt's id list; the report is then an :class:`ExpansionReport`.
     """
     encoded, report = tokenize_and_fit(pairs, tokenizer, budget, source, skipped)
-    # A pair's ranking puts chosen first, so a pair becomes the one pair it is.
+    # A pair's ranking puts chosen first, so a pair becomes the one pair it is, with its chosen
+    # probability; a ranked row's pairs have none.
     expanded = [
-        EncodedPair(e.prompt, e.responses[better], e.responses[worse], row=e.row)
+        EncodedPair(
+            e.prompt,
+            e.responses[better],
+            e.responses[worse],
+            row=e.row,
+            chosen_probability=e.record.chosen_probability if isinstance(e.record, Pair) else None,
+        )
         for e in encoded
         for better, worse in preferences(_ranking(e))
     ]

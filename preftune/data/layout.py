@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from preftune.data.collate import reference_logps
+from preftune.data.collate import label_smoothing, reference_logps
 from preftune.data.encode import EncodedPair
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
@@ -118,8 +118,9 @@ def layout_pairs(
     Returns ``input_ids``, ``position_ids``, ``doc_ids`` (``-1`` on padding) and ``branch``,
     each (rows, length); ``score_index``, ``score_target`` and ``score_seq``, each (tokens
     scored,); ``num_sequences`` (1,) = 2B; and ``num_tokens`` (1,), the tokens of the pairs as
-    ``prompt + response`` sequences, the work a plain layout would do without its padding; and
-    ``reference_logps`` (2B,) when the pairs carry them.
+    ``prompt + response`` sequences, the work a plain layout would do without its padding;
+    ``reference_logps`` (2B,) when the pairs carry them; and ``label_smoothing`` (B,) when they
+    carry their chosen probabilities.
     ``pack_length`` 0 packs into rows as long as the longest document.
     """
     docs = pair_documents(examples, share_prefix)
@@ -149,7 +150,7 @@ def layout_pairs(
                 seq.append(sequence)
             offset = end
     tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in examples)
-    return {
+    laid_out = {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "doc_ids": doc_ids,
@@ -159,7 +160,8 @@ def layout_pairs(
         "score_seq": torch.tensor(seq, dtype=torch.long),
         "num_sequences": torch.tensor([2 * len(examples)]),
         "num_tokens": torch.tensor([tokens]),
-    } | reference_logps(examples)
+    }
+    return laid_out | reference_logps(examples) | label_smoothing(examples)
 
 
 def visibility(doc_ids: torch.Tensor, branch: torch.Tensor) -> MaskFunction:

@@ -41,9 +41,10 @@ def read_ranked(check: RowChecker) -> Ranked:
         raise check.error(message, "ranking")
     order = _ranking if given[0] == "ranking" else _scores
     ranking = order(check, check.row[given[0]], len(texts))
-    if check.row.get("margin") is not None:
-        message = "only pairs take a margin; a ranked row's order is its ranking or scores"
-        raise check.error(message, "margin")
+    for column in ("margin", "chosen_probability"):
+        if check.row.get(column) is not None:
+            message = f"only pairs take a {column}; a ranked row's order is its ranking or scores"
+            raise check.error(message, column)
     return Ranked(prompt, tuple(texts), ranking)
 
 

@@ -115,8 +115,8 @@ def _pairs(spec: str, rows: Rows, layout: str, first: int, skipped: Skipped) -> 
     # Whether implicit pairs are text or conversations is also fixed by the first row.
     if layout == "implicit" and isinstance(rows[first][1]["chosen"], list):
         read = _implicit_conversation
-    with_margin = partial(_with_margin, read)
-    return convert_rows(spec, rows[first:], layout, PAIR_FIELDS, pair_layout, with_margin, skipped)
+    with_columns = partial(_with_optional_columns, read)
+    return convert_rows(spec, rows[first:], layout, PAIR_FIELDS, pair_layout, with_columns, skipped)
 
 
 def noting_unused_margins(layout: str, pairs: Sequence[Pair] | Sequence[Ranked]) -> str:
@@ -189,9 +189,10 @@ def _label(check: RowChecker) -> bool:
     raise check.error(message, "label")
 
 
-def _with_margin(read: Callable[[RowChecker], Pair], check: RowChecker) -> Pair:
-    """The pair ``read`` reads from the row, with the row's margin."""
-    return replace(read(check), margin=check.margin())
+def _with_optional_columns(read: Callable[[RowChecker], Pair], check: RowChecker) -> Pair:
+    """The pair ``read`` reads from the row, with the row's margin and chosen probability."""
+    pair = read(check)
+    return replace(pair, margin=check.margin(), chosen_probability=check.chosen_probability())
 
 
 def _standard(check: RowChecker) -> Pair:

@@ -24,6 +24,10 @@ class Pair:
     margin: float = 0.0
     """How far the chosen reward should exceed the rejected one: the row's optional ``margin``
     column, 0 without it. Only reward models train on it."""
+    chosen_probability: float | None = None
+    """How likely ``chosen`` is the better reply, a number in [0, 1] (a judge's P(chosen ≻
+    rejected)): the row's optional ``chosen_probability`` column, None without it. Paired losses
+    train on it as a soft label under ``loss.soft_labels``."""
 
     @property
     def responses(self) -> tuple[Text, Text]:

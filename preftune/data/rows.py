@@ -191,6 +191,17 @@ class RowChecker:
             raise self.error(message, "margin")
         return margin
 
+    def chosen_probability(self) -> float | None:
+        """The pair's optional ``chosen_probability`` (None without one), a probability."""
+        value = self.row.get("chosen_probability")
+        if value is None:
+            return None
+        probability = self.finite_number(value, "chosen_probability")
+        if not 0 <= probability <= 1:
+            message = f"expected a probability in [0, 1], got {probability}"
+            raise self.error(message, "chosen_probability")
+        return probability
+
     def nonempty(self, text: Text, field: str) -> None:
         contents = [text] if isinstance(text, str) else [m["content"] for m in text]
         if not "".join(contents).strip():

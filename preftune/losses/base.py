@@ -46,10 +46,11 @@ class LossOutput:
 
 @dataclass(frozen=True)
 class LossParams:
-    """The hyper-parameters a paired loss may read."""
+    """The hyper-parameters a paired loss may read. ``label_smoothing`` is one ε for every pair,
+    or, with soft labels, a (batch,) tensor of each pair's own."""
 
     beta: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float | torch.Tensor = 0.0
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
 
@@ -65,12 +66,14 @@ class PairedLoss:
     length-averaged log-probabilities averages them itself (:meth:`PairLogps.per_token`), so
     losses of either kind combine. ``needs_reference``: whether reference log-probabilities must
     be computed; ``uses_label_smoothing``: whether ``LossParams.label_smoothing`` means anything
-    to it.
+    to it; ``soft_labels``: whether a (batch,) ``label_smoothing`` gives each pair's loss that
+    pair's own ε (not so where ``losses[i]`` is not pair i's, as in AOT's sorted quantiles).
     """
 
     fn: LossFn
     needs_reference: bool = True
     uses_label_smoothing: bool = False
+    soft_labels: bool = False
 
 
 PAIRED_LOSSES: dict[str, PairedLoss] = {}
@@ -126,8 +129,9 @@ def implicit_rewards(
     return chosen.detach(), rejected.detach()
 
 
-def smoothed_logistic(logits: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """−(1−ε) log σ(z) − ε log σ(−z): the logistic loss of a label flipped with probability ε."""
+def smoothed_logistic(logits: torch.Tensor, smoothing: float | torch.Tensor) -> torch.Tensor:
+    """−(1−ε) log σ(z) − ε log σ(−z): the logistic loss of a label flipped with probability ε
+    (one ε, or one per logit)."""
     return -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
 
 

@@ -20,7 +20,8 @@ def combined_loss(names: Sequence[str], weights: Sequence[float] = ()) -> Paired
     """One paired loss from several: ℓ = Σ_k w_k ℓ_k, per example.
 
     ``weights`` default to 1 each. The combination needs a reference if any part does and uses
-    label smoothing if any part does (each part reads only the parameters it uses). Its rewards
+    label smoothing if any part does (each part reads only the parameters it uses); it takes soft
+    labels if every part that uses label smoothing does. Its rewards
     are those of the first part, so that ``[sigmoid, sft]`` reports DPO's implicit rewards. A
     single name with weight 1 is that loss itself.
     """
@@ -46,8 +47,10 @@ def combined_loss(names: Sequence[str], weights: Sequence[float] = ()) -> Paired
         first = outputs[0]
         return LossOutput(losses, first.chosen_rewards, first.rejected_rewards)
 
+    smoothed = [part for part in parts if part.uses_label_smoothing]
     return PairedLoss(
         combined,
         needs_reference=any(part.needs_reference for part in parts),
-        uses_label_smoothing=any(part.uses_label_smoothing for part in parts),
+        uses_label_smoothing=bool(smoothed),
+        soft_labels=bool(smoothed) and all(part.soft_labels for part in smoothed),
     )

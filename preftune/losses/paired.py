@@ -3,7 +3,8 @@ DiscoPOP, length-normalised DPO).
 
 Each takes the policy's and (optionally) the reference's log-probabilities of chosen (y_w) and
 rejected (y_l) responses. Throughout, h is :func:`preference_logits`:
-h = log π(y_w|x)/π_ref(y_w|x) − log π(y_l|x)/π_ref(y_l|x), and ε is ``label_smoothing``.
+h = log π(y_w|x)/π_ref(y_w|x) − log π(y_l|x)/π_ref(y_l|x), and ε is ``label_smoothing``: one
+for every pair, or each pair's own (soft labels, ε_i = 1 − P(y_w ≻ y_l) of pair i).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from preftune.losses.base import (
 EXO_DEFAULT_EPSILON = 1e-3
 
 
-@paired_loss("sigmoid", uses_label_smoothing=True)
+@paired_loss("sigmoid", uses_label_smoothing=True, soft_labels=True)
 def sigmoid_loss(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
     """DPO: ℓ = −(1−ε) log σ(β h) − ε log σ(−β h).
 
@@ -42,7 +43,7 @@ def sigmoid_loss(policy: PairLogps, reference: PairLogps | None, params: LossPar
     return LossOutput(losses, *implicit_rewards(policy, reference, params.beta))
 
 
-@paired_loss("robust", uses_label_smoothing=True)
+@paired_loss("robust", uses_label_smoothing=True, soft_labels=True)
 def robust_loss(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
     """Robust DPO: ℓ = [−(1−ε) log σ(β h) + ε log σ(−β h)] / (1 − 2ε), 0 ≤ ε < 1/2.
 
@@ -57,20 +58,28 @@ def robust_loss(policy: PairLogps, reference: PairLogps | None, params: LossPara
     return LossOutput(losses, *implicit_rewards(policy, reference, params.beta))
 
 
-@paired_loss("exo_pair", uses_label_smoothing=True)
+@paired_loss("exo_pair", uses_label_smoothing=True, soft_labels=True)
 def exo_pair_loss(policy: PairLogps, reference: PairLogps | None, params: LossParams) -> LossOutput:
     """EXO: ℓ = KL(p_θ ‖ p_ε) = Σ_{i∈{w,l}} p_θ(i) (log p_θ(i) − log p_ε(i)), where
     p_θ = (σ(β h), σ(−β h)) is the policy's softmax over the pair and p_ε = (1 − ε, ε).
 
     Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment", the
     pairwise case of EXO-pref (eq. 16). Unlike DPO's KL(p_ε ‖ p_θ), this reverse KL is
-    mode-seeking. ε must be positive: ``label_smoothing = 0`` means the authors' ε = 1e-3.
+    mode-seeking. ε must be positive: ``label_smoothing = 0`` (a pair's ε_i = 0) means the
+    authors' ε = 1e-3.
     """
     logits = params.beta * preference_logits(policy, reference)
-    eps = params.label_smoothing or EXO_DEFAULT_EPSILON
+    log_keep: float | torch.Tensor
+    log_flip: float | torch.Tensor
+    if isinstance(params.label_smoothing, torch.Tensor):
+        each = torch.where(params.label_smoothing == 0, EXO_DEFAULT_EPSILON, params.label_smoothing)
+        log_keep, log_flip = torch.log1p(-each), torch.log(each)
+    else:
+        eps = params.label_smoothing or EXO_DEFAULT_EPSILON
+        log_keep, log_flip = math.log1p(-eps), math.log(eps)
     log_chosen, log_rejected = F.logsigmoid(logits), F.logsigmoid(-logits)
-    chosen_term = log_chosen.exp() * (log_chosen - math.log1p(-eps))
-    rejected_term = log_rejected.exp() * (log_rejected - math.log(eps))
+    chosen_term = log_chosen.exp() * (log_chosen - log_keep)
+    rejected_term = log_rejected.exp() * (log_rejected - log_flip)
     losses = chosen_term + rejected_term
     return LossOutput(losses, *implicit_rewards(policy, reference, params.beta))
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from preftune.errors import ConfigError
 from preftune.fields import check_fields, option
-from preftune.losses import LOSS_NAMES, combined_loss
+from preftune.losses import LOSS_NAMES, PAIRED_LOSSES, PairedLoss, combined_loss
 
 
 @dataclass
@@ -27,6 +27,11 @@ class LossSettings:
         "aot_pair",
         at_least=0,
         below=0.5,
+    )
+    soft_labels: bool = option(
+        False,
+        "each pair's ε = 1 − its chosen_probability column (a judge's P(chosen ≻ rejected), "
+        "e.g. written by `preftune label`) in place of loss.label_smoothing",
     )
     reference_free: bool = option(False, "use a uniform reference (no reference model is built)")
     sft_weight: float = option(
@@ -50,6 +55,8 @@ class LossSettings:
         named = self.type[0] if len(self.type) == 1 else f"[{', '.join(self.type)}]"
         if self.label_smoothing and not spec.uses_label_smoothing:
             raise ConfigError(f"loss.label_smoothing has no effect with loss.type={named}")
+        if self.soft_labels:
+            self._check_soft_labels(spec, named)
         if self.reference_free and not spec.needs_reference:
             raise ConfigError(
                 f"loss.reference_free has no effect with loss.type={named}, which uses no reference"
@@ -60,3 +67,27 @@ class LossSettings:
             default = LossSettings.__dataclass_fields__[key].default
             if getattr(self, key) != default and owner not in self.type:
                 raise ConfigError(f"loss.{key} has no effect with loss.type={named}")
+
+    def _check_soft_labels(self, spec: PairedLoss, named: str) -> None:
+        """Soft labels are each pair's own label smoothing: refused where that has no meaning."""
+        takers = ", ".join(name for name in LOSS_NAMES if PAIRED_LOSSES[name].soft_labels)
+        if self.label_smoothing:
+            raise ConfigError(
+                "loss.soft_labels and loss.label_smoothing both set ε: soft labels take each "
+                "pair's from its chosen_probability; unset loss.label_smoothing"
+            )
+        if not spec.uses_label_smoothing:
+            raise ConfigError(
+                f"loss.soft_labels has no effect with loss.type={named}, which uses no label "
+                f"smoothing: use {takers}"
+            )
+        if not spec.soft_labels:
+            quantiles = [
+                name
+                for name in self.type
+                if PAIRED_LOSSES[name].uses_label_smoothing and not PAIRED_LOSSES[name].soft_labels
+            ]
+            raise ConfigError(
+                f"loss.soft_labels: {', '.join(quantiles)} compares sorted quantiles of the batch, "
+                f"not pairs, so a pair's own ε has nothing to apply to: use {takers}"
+            )

@@ -8,7 +8,8 @@ so the loss compares the i-th smallest of one with the i-th smallest of the othe
 is thus the loss of the i-th quantile pair, not of example i; only their sum or mean means
 anything, and it depends on which examples share a micro-batch. The cost is the logistic loss
 of DPO, with ε = ``label_smoothing`` smoothing it as in cDPO:
-c(Δ) = −(1−ε) log σ(β Δ) − ε log σ(−β Δ).
+c(Δ) = −(1−ε) log σ(β Δ) − ε log σ(−β Δ). ε is one for the whole batch: a quantile pair is no
+pair of the data, so there is no pair's own ε (soft labels) to give it.
 """
 
 from __future__ import annotations

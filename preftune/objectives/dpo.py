@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -9,6 +11,7 @@ import torch
 from preftune.data.collate import collate_pairs
 from preftune.data.encode import EncodedPair
 from preftune.data.layout import layout_pairs
+from preftune.errors import ConfigError, DataError
 from preftune.losses import LossParams, PairLogps, combined_loss
 from preftune.losses.settings import LossSettings
 from preftune.models.logps import layout_logps, sequence_logps
@@ -26,7 +29,8 @@ class PairedObjective:
     only, in chunks; without, they are scored from the model's full logits. Without ``scoring``
     (or with every lever off) this is the plain computation every lever is tested against.
     Reference log-probs come from the batch when they were precomputed, else from
-    ``reference``.
+    ``reference``. With ``loss.soft_labels``, the loss's ε is the batch's ``label_smoothing``,
+    each pair's own (ε_i = 1 − P(chosen ≻ rejected)), in place of ``loss.label_smoothing``.
     """
 
     name = "dpo"
@@ -45,6 +49,7 @@ class PairedObjective:
             simpo_gamma=loss.simpo_gamma,
             discopop_tau=loss.discopop_tau,
         )
+        self.soft_labels = loss.soft_labels
         self.sft_weight = loss.sft_weight
         self.reference = reference
         self.pad_id = pad_id
@@ -72,7 +77,7 @@ class PairedObjective:
         elif self.reference is not None:
             reference_logps, _ = self.reference.logps(batch)
             reference = self._pair(reference_logps, counts)
-        out = self.spec.fn(policy, reference, self.params)
+        out = self.spec.fn(policy, reference, self._params(batch, logps.dtype))
         losses = out.losses
         half = logps.shape[0] // 2
         metrics: Metrics = {}
@@ -92,8 +97,38 @@ class PairedObjective:
         }
         return losses.sum(), metrics
 
+    def _params(self, batch: Batch, dtype: torch.dtype) -> LossParams:
+        """The loss's parameters for ``batch``: with soft labels, its pairs' own ε."""
+        if not self.soft_labels:
+            return self.params
+        if "label_smoothing" not in batch:
+            raise ConfigError(
+                "loss.soft_labels=true needs pairs that carry a chosen_probability, and these "
+                "have none: unset loss.soft_labels"
+            )
+        return replace(self.params, label_smoothing=batch["label_smoothing"].to(dtype))
+
     def _pair(self, logps: torch.Tensor, counts: torch.Tensor) -> PairLogps:
         # Summed log-probs with their token counts: a loss that wants averages takes them itself.
         counts = counts.to(logps.dtype)
         half = logps.shape[0] // 2
         return PairLogps(logps[:half], logps[half:], counts[:half], counts[half:])
+
+
+def check_soft_labels(examples: Sequence[EncodedPair], source: str) -> None:
+    """Under ``loss.soft_labels``, every pair of ``source`` must carry a chosen probability
+    above ½, so that its ε = 1 − P lies in [0, ½), ``loss.label_smoothing``'s own range (at
+    ½ the pair is a tie and teaches nothing; below, chosen is the worse response); refused in
+    one line naming the first row that does not."""
+    for example in examples:
+        probability = example.chosen_probability
+        if probability is None:
+            message = "missing; loss.soft_labels=true takes each pair's ε = 1 − chosen_probability"
+        elif probability <= 0.5:
+            message = (
+                f"{probability} is not above 0.5, so chosen is not the preferred response: swap "
+                "chosen and rejected (P becomes 1 − P), or leave a tie out"
+            )
+        else:
+            continue
+        raise DataError(source, message, example.row, "chosen_probability")
