@@ -3,7 +3,21 @@ one-line summary, config class, runner) into :data:`REGISTRY`, which the command
 
 from __future__ import annotations
 
-from preftune.commands import data_check, demo, dpo, kto, rl, rm, score, sft, spin, unlikelihood
+from preftune.commands import (
+    data_check,
+    demo,
+    dpo,
+    evaluate,
+    kto,
+    label,
+    online,
+    rl,
+    rm,
+    score,
+    sft,
+    spin,
+    unlikelihood,
+)
 from preftune.commands.common import Command
 
 REGISTRY: dict[str, Command] = {
@@ -17,7 +31,10 @@ REGISTRY: dict[str, Command] = {
         rm.COMMAND,
         rl.PPO,
         rl.RLOO,
+        online.COMMAND,
+        label.COMMAND,
         score.COMMAND,
+        evaluate.COMMAND,
         demo.COMMAND,
         data_check.COMMAND,
     )

@@ -82,11 +82,7 @@ def _run(
         base = load_model(model_spec(cfg), tokenizer).to(acc.device)
         value = _value_model(cfg, base) if isinstance(rl, PPOSettings) else None
         model = maybe_lora(cfg, base)
-        reference: AdapterDisabled | FrozenCopy
-        if is_lora(model):
-            reference = AdapterDisabled(model, response_logps)
-        else:
-            reference = FrozenCopy(model, acc.device, response_logps)
+        reference = rollout_reference(model, acc.device)
         objective = PolicyGradientObjective(name, rl, tokenizer.pad_token_id, value)
         reward = load_reward(cfg.reward, acc.device)
         scoring = Scoring(model, reference, value, reward, tokenizer)
@@ -113,6 +109,14 @@ def _run(
         )
 
 
+def rollout_reference(model: torch.nn.Module, device: torch.device) -> AdapterDisabled | FrozenCopy:
+    """The starting policy, to score samples under: the base with the adapters off under LoRA,
+    else a frozen copy of the weights as they are."""
+    if is_lora(model):
+        return AdapterDisabled(model, response_logps)
+    return FrozenCopy(model, device, response_logps)
+
+
 def _check(cfg: PPOConfig | RLOOConfig, name: str) -> None:
     cfg.reward.check()
     if isinstance(cfg, PPOConfig) and (cfg.ppo.ptx_coef > 0) != (cfg.data.ptx is not None):
@@ -120,6 +124,11 @@ def _check(cfg: PPOConfig | RLOOConfig, name: str) -> None:
             "ppo.ptx_coef and data.ptx go together: set both (the pretraining term and its "
             "demonstrations) or neither"
         )
+    check_rollout_run(cfg, name)
+
+
+def check_rollout_run(cfg: Any, name: str) -> None:
+    """What every command that samples as it trains refuses, before any work."""
     if cfg.train.distributed != "ddp":
         raise ConfigError(f"preftune {name} runs under train.distributed=ddp only, for now")
     if cfg.generation.backend == "vllm":
@@ -143,18 +152,19 @@ def _value_model(cfg: RunConfig, base: torch.nn.Module) -> ValueModel:
 
 
 def load_prompts(
-    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, acc: Accelerator
+    cfg: Any, tokenizer: PreTrainedTokenizerBase, acc: Accelerator, split: str = "train"
 ) -> list[EncodedPrompt]:
-    """The prompts of ``data.train``, one per row: rows with a ``prompt`` alone (text, or
-    messages rendered with the chat template and its generation prompt), or rows of any kind
-    preftune trains on (pairs, demonstrations, judged completions), whose prompts are tokenized
-    and fitted as training on them would. A prompt keeps its last ``data.max_prompt_length``
-    tokens."""
-    source = cfg.data.train
+    """The prompts of ``data.train`` (or ``data.eval``: ``split``), one per row: rows with a
+    ``prompt`` alone (text, or messages rendered with the chat template and its generation
+    prompt), or rows of any kind preftune trains on (pairs, demonstrations, judged
+    completions), whose prompts are tokenized and fitted as training on them would, each with
+    its row's response (the chosen one of a pair). A prompt keeps its last
+    ``data.max_prompt_length`` tokens."""
+    source = cfg.data.train if split == "train" else cfg.data.eval
     if source is None:
-        raise ConfigError("data.train is required: rows with a prompt to sample from")
+        raise ConfigError(f"data.{split} is required: rows with a prompt to sample from")
     skipped: list[DataError] | None = [] if cfg.data.on_error == "skip" else None
-    rows = read_rows(source, "train", skipped)
+    rows = read_rows(source, split, skipped)
     if rows and all(set(row) == {"prompt"} for _, row in rows):
         prompts = _bare_prompts(source, rows, tokenizer, cfg.data.max_prompt_length, skipped)
         what = "prompt rows"
@@ -169,7 +179,9 @@ def load_prompts(
             if example.row is None or example.row not in seen:
                 seen.add(example.row)
                 text = str(tokenizer.decode(example.prompt_ids, skip_special_tokens=True))
-                prompts.append(EncodedPrompt(list(example.prompt_ids), text, example.row))
+                ids = getattr(example, "chosen_ids", None) or example.completion_ids
+                response = str(tokenizer.decode(ids, skip_special_tokens=True))
+                prompts.append(EncodedPrompt(list(example.prompt_ids), text, example.row, response))
         what = f"{kind} rows, layout {layout}; {report.summary()}"
     acc.print(f"{source}: {what}; {len(prompts)} prompts")
     if skipped:

@@ -154,3 +154,32 @@ class UnlikelihoodSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, "unlikelihood")
+
+
+@dataclass
+class OnlineSettings:
+    k: int = option(4, "completions sampled per prompt, judged against each other", at_least=2)
+    pairs: str = option(
+        "best_worst",
+        "pairs formed from a prompt's judged completions: best_worst (the best against the "
+        "worst) | all (every two the judge does not tie, the preferred one chosen)",
+        ("best_worst", "all"),
+    )
+    round_steps: int = option(
+        1,
+        "optimizer steps per round: each round samples from the policy as it then is, judges, "
+        "and trains on the pairs for this many steps (1: fully online)",
+        at_least=1,
+    )
+    prompts_per_round: int = option(
+        0, "prompts sampled per round (0: train.batch_size x round_steps)", at_least=0
+    )
+    reference: str = option(
+        "start",
+        "the loss's reference: start (the starting policy) | round (the policy as each round "
+        "began: iterative DPO)",
+        ("start", "round"),
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "online")

@@ -49,6 +49,8 @@ class EncodedPrompt:
     prompt_ids: list[int]
     text: str
     row: int | None = None
+    response: str | None = None
+    """The row's own response, where it has one (a pair's chosen one)."""
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Rollouts:
         self,
         prompts: list[EncodedPrompt],
         scoring: Scoring,
-        collate: Callable[[list[Sample]], Batch],
+        collate: Callable[[list[Any]], Batch],
         rl: RolloutSettings,
         samples_per_prompt: int,
         generation: GenerationSettings,

@@ -1,0 +1,161 @@
+"""``preftune eval``: the win rate of a policy against a baseline under a judge.
+
+For each held-out prompt (``data.eval``), the policy's sampled response and the baseline's (the
+row's own response, or another model's sample) are judged against each other; the win rate
+counts a verdict P(policy ≻ baseline) above ½ as a win and exactly ½ as half a win. It comes
+with its 95% Wilson interval, a bootstrap interval of the mean probability, a length-controlled
+win rate (the win rate a logistic fit of the verdicts on the length difference predicts at equal
+lengths) and the win rate by length bucket (:mod:`preftune.winrate`). Every sample and verdict
+goes to ``eval_samples.jsonl``, the summary to ``eval_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune import winrate
+from preftune.commands.common import Command, make_accelerator, model_spec
+from preftune.commands.rl import load_prompts
+from preftune.data.settings import DataSettings
+from preftune.errors import ConfigError
+from preftune.fields import check_fields, option
+from preftune.files import write_text_atomically
+from preftune.models.generate import Sampling, generate_ids
+from preftune.models.load import ModelSpec, load_model, load_tokenizer
+from preftune.models.settings import ModelSettings
+from preftune.train.judges import Judge, JudgeSettings, load_judge
+from preftune.train.rollout_settings import GenerationSettings
+from preftune.train.rollouts import EncodedPrompt
+
+SAMPLES = "eval_samples.jsonl"
+SUMMARY = "eval_summary.json"
+
+
+@dataclass
+class EvalSettings:
+    baseline: str = option(
+        "data",
+        "what the policy is compared with: data (each row's own response, a pair's chosen one) "
+        "or a model directory or hub id, sampled as the policy is",
+    )
+    max_prompts: int = option(
+        0, "judge the first this many prompts of data.eval (0: all)", at_least=0
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "eval")
+
+
+@dataclass
+class EvalConfig:
+    seed: int = option(42, "seed of sampling and of the bootstrap", at_least=0, at_most=2**31 - 1)
+    output_dir: str = option("runs/preftune-eval", f"where {SAMPLES} and {SUMMARY} are written")
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, float]:
+    if cfg.data.eval is None:
+        raise ConfigError("data.eval is required: the held-out prompts to judge the policy on")
+    if not cfg.judge.spec:
+        raise ConfigError("judge.spec is required: rm:DIR, function:module:callable or llm:MODEL")
+    acc = make_accelerator(cfg)  # type: ignore[arg-type]  # the model.* and seed keys it reads
+    tokenizer = load_tokenizer(model_spec(cfg))  # type: ignore[arg-type]
+    prompts = load_prompts(cfg, tokenizer, acc, split="eval")
+    if cfg.eval.max_prompts:
+        prompts = prompts[: cfg.eval.max_prompts]
+    judge = load_judge(cfg.judge, acc.device)
+    policy = _sample(cfg, cfg.model.path, prompts, acc.device)
+    if cfg.eval.baseline == "data":
+        if any(prompt.response is None for prompt in prompts):
+            raise ConfigError(
+                "eval.baseline=data needs rows with a response (pairs or demonstrations): "
+                "data.eval has bare prompts; set eval.baseline to a model"
+            )
+        baseline = [str(prompt.response) for prompt in prompts]
+    else:
+        baseline = _sample(cfg, cfg.eval.baseline, prompts, acc.device)
+    result, bias, records = judged(judge, tokenizer, prompts, policy, baseline, cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out / SAMPLES, "".join(json.dumps(r) + "\n" for r in records))
+    report = {
+        "policy": cfg.model.path,
+        "baseline": cfg.eval.baseline,
+        "judge": judge.name,
+        "position_bias": bias,
+        **result.as_dict(),
+    }
+    write_text_atomically(out / SUMMARY, json.dumps(report, indent=2) + "\n")
+    print(f"{cfg.model.path} against {cfg.eval.baseline} under the {judge.name}:")
+    print(winrate.table({cfg.model.path: result}))
+    if bias is not None:
+        print(f"the judge's two orders disagreed on {100 * bias:.1f}% of pairs")
+    print(f"samples and verdicts: {out / SAMPLES}")
+    return {"win_rate": result.win_rate, "length_controlled": result.length_controlled}
+
+
+def _sample(cfg: EvalConfig, path: str, prompts: list[EncodedPrompt], device: Any) -> list[str]:
+    """One response to each prompt from the model at ``path``, as ``generation.*`` says."""
+    spec = ModelSpec(path=path, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer).eval().to(device)
+    g = cfg.generation
+    sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p)
+    ids = [prompt.prompt_ids for prompt in prompts]
+    responses = generate_ids(model, ids, tokenizer, sampling, g.batch_size, cfg.seed, desc=path)
+    return [str(tokenizer.decode(r, skip_special_tokens=True)) for r in responses]
+
+
+def judged(
+    judge: Judge,
+    tokenizer: Any,
+    prompts: list[EncodedPrompt],
+    policy: list[str],
+    baseline: list[str],
+    seed: int,
+) -> tuple[winrate.WinRate, float | None, list[dict[str, Any]]]:
+    """The summary of the verdicts on each (policy, baseline) response, the judge's position
+    bias (``llm`` judges) and one record per prompt."""
+    texts = [prompt.text for prompt in prompts]
+    verdicts = judge.prefer(texts, policy, baseline)
+    lengths = [
+        [len(tokenizer(text, add_special_tokens=False).input_ids) for text in side]
+        for side in (policy, baseline)
+    ]
+    result = winrate.summarize(verdicts.probs, lengths[0], lengths[1], seed=seed)
+    records = [
+        {
+            "row": prompt.row,
+            "prompt": prompt.text,
+            "policy": a,
+            "baseline": b,
+            "probability": p,
+            "verdict": "win" if p > 0.5 else "tie" if p == 0.5 else "loss",
+            "policy_tokens": la,
+            "baseline_tokens": lb,
+        }
+        | ({} if verdicts.disagree is None else {"orders_disagree": verdicts.disagree[i]})
+        for i, (prompt, a, b, p, la, lb) in enumerate(
+            zip(prompts, policy, baseline, verdicts.probs, *lengths, strict=True)
+        )
+    ]
+    return result, verdicts.position_bias, records
+
+
+COMMAND = Command(
+    "eval",
+    "win rate of a policy against a baseline (the data's responses or another model) on "
+    "held-out prompts under a judge, with its 95% interval and a length-controlled rate",
+    EvalConfig,
+    run_eval,
+)
