@@ -182,6 +182,7 @@ def train_and_save(
         output_dir=output_dir,
         identity=identity,
         resume=resume,
+        tokenizer=tokenizer,
     )
     metrics = train(run)
     gathered = state.full_state_dict(acc, model)  # a sharded model's weights, to the main process

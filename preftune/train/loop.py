@@ -17,6 +17,7 @@ from preftune.objectives.base import Batch, Metrics, Objective, OwnsModules, Ste
 from preftune.shares import decide_on_main, process_parts
 from preftune.train import placement, state
 from preftune.train.checkpoint import ResumePoint, newest_intact, remove_leftovers
+from preftune.train.eval_samples import continue_prompts
 from preftune.train.guard import (
     NON_FINITE_WEIGHTS,
     BadStep,
@@ -49,6 +50,8 @@ class Run:
     and the training data's digest (see :mod:`preftune.train.resume`)."""
     resume: ResumePoint | None = None
     """The checkpoint to resume from, chosen and checked before anything was written."""
+    tokenizer: Any = None
+    """The policy's tokenizer: for ``train.eval_samples``."""
 
 
 class Training:
@@ -187,6 +190,11 @@ def _evaluate_and_save(t: Training, step: int) -> None:
         model = state.for_evaluation(acc, t.model)
         micro = run.source.micro_batch_size
         t.log.log(step, evaluate(model, run.objective, run.eval_examples, micro, acc), "eval/")
+        if cfg.eval_samples and run.tokenizer is not None:
+            rows = continue_prompts(
+                acc, model, run.eval_examples[: cfg.eval_samples], run.tokenizer, cfg
+            )
+            t.log.samples(step, rows)
     if last or (cfg.save_every and step % cfg.save_every == 0):
         t.save(step)
 

@@ -16,6 +16,8 @@ from preftune.files import write_text_atomically
 from preftune.train.trackers import Tracker
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins")
+SAMPLES = "samples.jsonl"
+"""The policy's continuations of fixed eval prompts at each evaluation (``train.eval_samples``)."""
 
 
 class MetricsLog:
@@ -44,6 +46,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
+        self._drop_samples_after(start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
     def count_tokens(self, tokens: int) -> None:
@@ -65,6 +68,34 @@ class MetricsLog:
             shown = {k.removeprefix("rewards/"): f"{record[k]:.4g}" for k in SHOWN if k in record}
             self.bar.set_postfix(shown, refresh=False)
         return record
+
+    def samples(self, step: int, rows: list[dict[str, object]]) -> None:
+        """Record the policy's continuations of fixed eval prompts at ``step``: one JSON line
+        each in ``samples.jsonl``, and a text table for trackers that show text."""
+        if not self.enabled or not rows:
+            return
+        path = self.path.with_name(SAMPLES)
+        with path.open("a") as handle:
+            handle.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+        table = "\n".join(f"**{row['prompt']!s}**\n\n{row['completion']!s}\n\n---" for row in rows)
+        for tracker in self.trackers:
+            text = getattr(tracker, "text", None)
+            if text is not None:
+                text("samples", table, step)
+
+    def _drop_samples_after(self, step: int) -> None:
+        """A resumed run forgets the samples of the steps it will take again."""
+        path = self.path.with_name(SAMPLES)
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, TypeError, KeyError):
+                continue  # a line cut short by a kill
+        write_text_atomically(path, "".join(kept))
 
     def advance(self) -> None:
         if self.enabled:

@@ -43,6 +43,15 @@ class TrainSettings:
     eval_every: int = option(
         0, "evaluate every N steps (0: only at the end); needs data.eval", at_least=0
     )
+    eval_samples: int = option(
+        0,
+        "at each evaluation, continue the first N prompts of data.eval greedily with the "
+        "policy: written to samples.jsonl and TensorBoard text (0: none)",
+        at_least=0,
+    )
+    eval_sample_tokens: int = option(
+        64, "longest continuation of train.eval_samples, in tokens", at_least=1
+    )
     save_every: int = option(500, "checkpoint every N steps (0: only at the end)", at_least=0)
     keep_checkpoints: int = option(
         2, "keep only the newest N checkpoints (0: keep all)", at_least=0

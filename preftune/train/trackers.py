@@ -79,6 +79,9 @@ class TensorBoardTracker:
         for key, value in record.items():
             self.writer.add_scalar(key, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
     def close(self) -> None:
         self.writer.close()
 
