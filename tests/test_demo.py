@@ -36,6 +36,8 @@ SHRUNKEN = [
     "rl.rollout_size=8",
     "rl.epochs=1",
     "rl.rloo_k=2",
+    "online.prompts_per_round=8",
+    "online.k=2",
 ]
 
 
@@ -55,11 +57,16 @@ def test_shrunken_demo_writes_results_and_plots(tmp_path: Path) -> None:
         ("ppo", 0.1),
         ("ppo-gt", 0.1),
         ("rloo", 0.05),
+        ("online-dpo", 1.0),
     ]
     for row in rows:
         assert -1 <= row["reward"] <= 1
         assert row["samples"] == 16
         assert row["reward_stderr"] >= 0
+    assert rows[0]["win_rate"] is None
+    for row in rows[1:]:
+        low, high = row["win_rate"]["interval"]
+        assert row["win_rate"]["n"] == 16 and 0 <= low <= row["win_rate"]["win_rate"] <= high <= 1
     assert rows[0]["kl"] == 0.0
     assert all(r["kl"] != 0.0 for r in rows[1:])
     assert all(0 <= r["pair_accuracy"] <= 1 for r in rows if r["method"] == "dpo")
@@ -68,6 +75,14 @@ def test_shrunken_demo_writes_results_and_plots(tmp_path: Path) -> None:
     pairs = (out / "data" / "pairs_train.jsonl").read_text().splitlines()
     assert pairs and all(json.loads(p)["chosen"] != json.loads(p)["rejected"] for p in pairs)
     assert (out / "reward-model" / "model.safetensors").exists()  # PPO's learned reward
+
+
+def test_win_rates_count_higher_rewards_against_the_same_draw_of_sft() -> None:
+    from preftune.demo.evaluate import against_first
+
+    result = against_first([0.5, 0.1, -0.2, 0.3], [4, 4, 4, 4], ([0.1, 0.1, 0.0, -0.9], [4] * 4))
+    assert result["wins"] == 2.5 and result["win_rate"] == 0.625
+    assert result["interval"][0] < 0.625 < result["interval"][1]
 
 
 def test_methods_select_what_the_demo_trains(tmp_path: Path) -> None:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from preftune.commands.common import Command
+from preftune.commands.configs import PPODataSettings
 from preftune.commands.dpo import DPOConfig, run_dpo
-from preftune.commands.rl import PPOConfig, PPODataSettings, RLOOConfig, run_ppo, run_rloo
+from preftune.commands.online import OnlineConfig, run_online
+from preftune.commands.rl import PPOConfig, RLOOConfig, run_ppo, run_rloo
 from preftune.commands.rm import RMConfig, run_rm
 from preftune.commands.sft import SFTConfig, run_sft
 from preftune.commands.unlikelihood import UnlikelihoodConfig, run_unlikelihood
@@ -31,7 +32,13 @@ from preftune.errors import ConfigError
 from preftune.losses.settings import LossSettings
 from preftune.models.settings import ModelSettings
 from preftune.models.tiny import build_model, build_tokenizer
-from preftune.objectives.settings import PPOSettings, RLOOSettings, UnlikelihoodSettings
+from preftune.objectives.settings import (
+    OnlineSettings,
+    PPOSettings,
+    RLOOSettings,
+    UnlikelihoodSettings,
+)
+from preftune.train.judges import JudgeSettings
 from preftune.train.rollout_settings import GenerationSettings, RewardSettings
 from preftune.train.run_dir import check_output_dir, mark
 from preftune.train.settings import TrainSettings
@@ -98,6 +105,12 @@ def run_demo(cfg: DemoConfig) -> list[dict[str, Any]]:
         run_unlikelihood(_unlikelihood_config(cfg, sft_dir, pairs_train, unlikely_dir))
         policies.append(Policy("unlikelihood", None, unlikely_dir))
     policies += _rl_policies(cfg, out, sft_dir, corpus.pair_prompts, pairs_train, judge)
+    if "online-dpo" in cfg.methods:
+        prompt_rows = _prompt_rows(out, corpus.pair_prompts)
+        for beta in cfg.online.betas:
+            run_dir = out / f"online-dpo-beta{beta:g}"
+            run_online(_online_config(cfg, sft_dir, prompt_rows, beta, run_dir))
+            policies.append(Policy("online-dpo", beta, run_dir))
 
     rows = evaluate_policies(policies, sft_dir, corpus.eval_prompts, judge, cfg)
     write_report(out, rows, policies, judge.name)
@@ -112,7 +125,7 @@ def _rl_policies(
     wanted = [method for method in ("ppo", "ppo-gt", "rloo") if method in cfg.methods]
     if not wanted:
         return []
-    prompt_rows = _write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    prompt_rows = _prompt_rows(out, prompts)
     truth = (
         RewardSettings(function=GROUND_TRUTH)
         if cfg.judge == "vader"
@@ -138,6 +151,37 @@ def _rl_policies(
         run_rloo(_rl_config(RLOOConfig, cfg, sft_dir, prompt_rows, truth, coef, run_dir))
         policies.append(Policy("rloo", coef, run_dir))
     return policies
+
+
+def _prompt_rows(out: Path, prompts: list[str]) -> Path:
+    """The prompts the pairs were sampled from, as rows the sampling commands read."""
+    return _write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": p} for p in prompts])
+
+
+def _online_config(cfg, model, prompts, beta, output_dir) -> OnlineConfig:
+    """Online DPO with the offline runs' budget: dpo.steps steps of dpo.batch_size pairs, and
+    in all as many sampled completions as the offline pairs were drawn from, judged by the
+    ground truth; every two completions it does not tie make a pair."""
+    o, d = cfg.online, cfg.dpo
+    per_round = o.prompts_per_round * o.k
+    rounds = max(1, cfg.pairs.prompts * cfg.pairs.samples_per_prompt // per_round)
+    spec = f"function:{GROUND_TRUTH}" if cfg.judge == "vader" else f"rm:{cfg.judge}"
+    return OnlineConfig(
+        **_run_keys(cfg, model, prompts, output_dir, d.steps, d.batch_size, d.learning_rate),
+        loss=LossSettings(beta=beta),
+        generation=GenerationSettings(
+            max_new_tokens=cfg.pairs.max_new_tokens,
+            temperature=cfg.pairs.temperature,
+            batch_size=per_round,
+        ),
+        judge=JudgeSettings(spec=spec),
+        online=OnlineSettings(
+            k=o.k,
+            pairs="all",
+            round_steps=-(-d.steps // rounds),
+            prompts_per_round=o.prompts_per_round,
+        ),
+    )
 
 
 def _rl_config(kind, cfg, model, prompts, reward, kl_coef, output_dir):
@@ -265,11 +309,3 @@ def _train_config(steps: int, batch_size: int, learning_rate: float) -> TrainSet
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-COMMAND = Command(
-    "demo",
-    "the DPO paper's controlled-sentiment experiment, offline, in minutes",
-    DemoConfig,
-    run_demo,
-)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from preftune import winrate
 from preftune.demo.judge import Judge
 from preftune.demo.settings import DemoConfig
 from preftune.models.generate import completion_logps, sample
@@ -84,7 +85,7 @@ def evaluate_policies(
     ratios over each sampled completion, averaged over samples.
     """
     reference, _ = _load(sft_dir)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for policy in policies:
         model, tokenizer = _load(policy.directory)
         completions = _sample(
@@ -101,6 +102,8 @@ def evaluate_policies(
         log_ratio = completion_logps(model, completions, pad) - completion_logps(
             reference, completions, pad
         )
+        if not rows:
+            first = (rewards, [len(c.completion_ids) for c in completions])
         rows.append(
             {
                 "method": policy.method,
@@ -111,9 +114,23 @@ def evaluate_policies(
                 "pair_accuracy": policy.pair_accuracy,
                 "samples": len(completions),
                 "examples": [c.prompt + c.text for c in completions[:3]],
+                "win_rate": None
+                if not rows
+                else against_first(rewards, [len(c.completion_ids) for c in completions], first),
             }
         )
     return rows
+
+
+def against_first(
+    rewards: list[float], lengths: list[int], first: tuple[list[float], list[int]]
+) -> dict[str, Any]:
+    """The win rate of a policy's samples against the first policy's (SFT's) sample of the same
+    prompt and draw, the higher reward winning and equal rewards tying, with its 95% Wilson
+    interval and length-controlled rate (:mod:`preftune.winrate`)."""
+    theirs, their_lengths = first
+    probs = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, theirs, strict=True)]
+    return winrate.summarize(probs, lengths, their_lengths).as_dict()
 
 
 def _label(policy: Policy) -> str:

@@ -16,6 +16,7 @@ COLOURS = {
     "ppo": "tab:green",
     "ppo-gt": "tab:red",
     "rloo": "tab:purple",
+    "online-dpo": "tab:cyan",
 }
 NAMES = {
     "sft": "SFT",
@@ -25,6 +26,7 @@ NAMES = {
     "ppo": "PPO",
     "ppo-gt": "PPO-GT",
     "rloo": "RLOO",
+    "online-dpo": "Online DPO",
 }
 
 
@@ -41,14 +43,23 @@ def write_report(
 
 def table(rows: list[dict[str, Any]], judge: str = "VADER") -> str:
     lines = [
-        f"| policy | reward ({judge}) | KL(π‖π_SFT) | pair accuracy |",
-        "|---|---|---|---|",
+        f"| policy | reward ({judge}) | KL(π‖π_SFT) | win rate vs SFT [95% CI] | pair accuracy |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
         accuracy = "" if row["pair_accuracy"] is None else f"{row['pair_accuracy']:.2f}"
+        win = row.get("win_rate")
+        wins = (
+            ""
+            if win is None
+            else (
+                f"{100 * win['win_rate']:.1f}% [{100 * win['interval'][0]:.1f}, "
+                f"{100 * win['interval'][1]:.1f}]"
+            )
+        )
         lines.append(
             f"| {label(row)} | {row['reward']:+.3f} ± {row['reward_stderr']:.3f} "
-            f"| {row['kl']:.2f} | {accuracy} |"
+            f"| {row['kl']:.2f} | {wins} | {accuracy} |"
         )
     return "\n".join(lines)
 
@@ -56,7 +67,7 @@ def table(rows: list[dict[str, Any]], judge: str = "VADER") -> str:
 def label(row: dict[str, Any]) -> str:
     """The policy's name: DPO with its β, PPO and PPO-GT with their β_KL."""
     name = NAMES[row["method"]]
-    if row["method"] == "dpo":
+    if row["method"] in ("dpo", "online-dpo"):
         return f"{name} β={row['beta']:g}"
     if row["method"] in ("ppo", "ppo-gt"):
         return f"{name} β_KL={row['beta']:g}"

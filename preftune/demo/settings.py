@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from preftune.errors import ConfigError
 from preftune.fields import check_fields, option
 
-METHODS = ("dpo", "preferred-ft", "unlikelihood", "ppo", "ppo-gt", "rloo")
+METHODS = ("dpo", "preferred-ft", "unlikelihood", "ppo", "ppo-gt", "rloo", "online-dpo")
 """The methods the demo can train from the SFT policy, in the order it trains them."""
 
 
@@ -107,6 +107,21 @@ class StageRLSettings:
 
 
 @dataclass
+class StageOnlineSettings:
+    betas: list[float] = option([1.0], "β of each online DPO policy trained", above=0)
+    k: int = option(4, "completions sampled per prompt each round", at_least=2)
+    prompts_per_round: int = option(
+        64,
+        "prompts sampled each round; the rounds sample as many completions in all as the "
+        "offline pairs were drawn from, over dpo.steps steps of dpo.batch_size pairs",
+        at_least=1,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "online")
+
+
+@dataclass
 class EvalSettings:
     prompts: int = option(512, "held-out prompts each policy is sampled on", at_least=1)
     samples_per_prompt: int = option(2, "completions per prompt", at_least=1)
@@ -134,6 +149,7 @@ class DemoConfig:
     pairs: PairsSettings = field(default_factory=PairsSettings)
     dpo: StageDPOSettings = field(default_factory=StageDPOSettings)
     rl: StageRLSettings = field(default_factory=StageRLSettings)
+    online: StageOnlineSettings = field(default_factory=StageOnlineSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     methods: list[str] = option(
         list(METHODS),
