@@ -39,7 +39,9 @@ def test_percentiles_are_nearest_rank() -> None:
 def test_clean_file_summary_matches_what_training_reads(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    status, out, err = check(capsys, str(SAMPLE_TRAIN), "data.max_length=40")
+    status, out, err = check(
+        capsys, str(SAMPLE_TRAIN), "data.max_length=40", "data.max_prompt_length=39"
+    )
     assert (status, err) == (0, [])
     lines = out.splitlines()
     assert lines[0] == f"{SAMPLE_TRAIN}: 256 rows of preference pairs, layout standard"
@@ -49,7 +51,7 @@ def test_clean_file_summary_matches_what_training_reads(
     too_long = sum(len(t.prompt) + max(map(len, t.responses)) > 40 for t in tokenized)
     assert 0 < too_long < 256
     assert (
-        "fitted to data.max_length=40, data.max_prompt_length=256 (keep_end): 256 rows: "
+        "fitted to data.max_length=40, data.max_prompt_length=39 (keep_end): 256 rows: "
         f"0 prompts truncated, {too_long} responses truncated, 0 dropped"
     ) in out
     assert "duplicated pairs: 13 (row 63 repeats row 54;" in out

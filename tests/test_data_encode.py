@@ -116,8 +116,9 @@ def test_conversation_without_chat_template_is_one_line_error(
     with pytest.raises(PreftuneError) as caught:
         encode_demos([Demo([user("hi")], [assistant("yo")])], bpe, Budget(64, None))
     assert str(caught.value) == (
-        "the data is conversational but the tokenizer has no chat template; "
-        "set one on the tokenizer or convert the data to plain prompt/response text"
+        "the data is conversational but the tokenizer has no chat template: set "
+        "model.chat_template (chatml, llama3, zephyr, a Jinja file or a template), or "
+        "convert the data to plain prompt/response text"
     )
 
 

@@ -2,7 +2,8 @@
 
 An entry is two files named by a key that hashes everything the examples depend on: the bytes
 of the source, the split, the reader and encoder, the tokenizer (its whole serialized state and
-chat template), the length budget and :data:`EXAMPLES_VERSION`. ``<key>.arrow`` holds the
+chat template), the length budget, the columns renamed (``data.columns``) and
+:data:`EXAMPLES_VERSION`. ``<key>.arrow`` holds the
 examples (:mod:`preftune.data.arrow`); ``<key>.json`` what else the run prints and checks: the
 layout, the truncation report, the rows left out, the content digest, and the Arrow file's size
 and checksum. Each file is written whole or not at all, the Arrow file first, so an entry is
@@ -116,6 +117,8 @@ def examples_key(source: Path, split: str, recipe: Recipe) -> str:
         type(recipe.tokenizer).__name__,
         repr(state),
         _source_digest(source),
+        # Only where set, so the entries of sources read without a mapping keep their keys.
+        *([f"columns {sorted(recipe.columns.items())!r}"] if recipe.columns else []),
     )
     for part in parts:
         data = part.encode()

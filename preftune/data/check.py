@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from preftune.data.encode import Budget, fit
 from preftune.data.readers import load_records
 from preftune.data.records import Pair, Ranked, Rated, Record, preferences, tied_pairs
+from preftune.data.sources import Columns
 from preftune.data.tokenize import Tokenized, tokenize
 from preftune.errors import DataError
 
@@ -41,15 +42,21 @@ class DataCheck:
 
 
 def check_dataset(
-    spec: str, split: str, kind: str, tokenizer: PreTrainedTokenizerBase, budget: Budget
+    spec: str,
+    split: str,
+    kind: str,
+    tokenizer: PreTrainedTokenizerBase,
+    budget: Budget,
+    columns: Columns | None = None,
 ) -> DataCheck:
-    """Read ``spec`` as ``kind`` (``pairs``, ``sft``, ``unpaired`` or ``auto``) and describe it.
+    """Read ``spec`` as ``kind`` (``pairs``, ``sft``, ``unpaired`` or ``auto``), its ``columns``
+    renamed (``data.columns``), and describe it.
 
     A source that cannot be read at all is one problem and no summary.
     """
     problems: list[DataError] = []
     try:
-        records, layout, kind = load_records(spec, split, kind, problems)
+        records, layout, kind = load_records(spec, split, kind, problems, columns)
     except DataError as error:
         return DataCheck([], [error])
     rows = len(records) + len(problems)

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from preftune.data.encode import Budget, ExpansionReport, TruncationReport
 from preftune.data.records import Record
+from preftune.data.sources import Columns
 from preftune.data.streamed import CHUNK_ROWS, RowReader, Verdicts, record_chunks
 from preftune.errors import DataError, PreftuneError
 
@@ -33,12 +34,13 @@ Encoder = Callable[..., tuple[list[Any], TruncationReport]]
 @dataclass(frozen=True)
 class Recipe:
     """How rows become examples: the reader of rows, the encoder (``encode_pairs``, …), the
-    tokenizer and the length budget."""
+    tokenizer, the length budget and the columns renamed as rows are read (``data.columns``)."""
 
     read: RowReader
     encode: Encoder
     tokenizer: PreTrainedTokenizerBase
     budget: Budget
+    columns: Columns | None = None
 
 
 @dataclass
@@ -65,7 +67,7 @@ def encode_in_chunks(
     ``write`` in order; ``collect`` is ``data.on_error=skip``."""
     verdicts = Verdicts(collect)
     layouts: list[str] = []
-    records = record_chunks(spec, split, recipe.read, verdicts, layouts, chunk_rows)
+    records = record_chunks(spec, split, recipe.read, verdicts, layouts, chunk_rows, recipe.columns)
     report = None
     for piece in _encoded(spec, recipe, records, num_proc):
         verdicts.add("encode", piece.errors)

@@ -6,7 +6,10 @@ Where an example came from (its row number) and what is computed from it later (
 log-probs) do not count. An optional field counts only when set, so examples without it keep
 the digest they had before it existed (and with it the reference cache and resume checks).
 Examples that know their digest (``content_digest``: those kept in Arrow, digested as they were
-written) give it instead of being read again one by one.
+written) give it instead of being read again one by one. A mixture of sources
+(:class:`~preftune.data.mixture.Mixture`) knows its own: a digest of its sources' digests and
+of the order it takes their examples in, which changes whenever the examples it holds or their
+order do (and differs from that of the same examples read from one file).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from preftune.data.rows import (
     pair_layout,
     unpaired_layout,
 )
-from preftune.data.sources import Rows, Skipped, read_rows
+from preftune.data.sources import Columns, Rows, Skipped, read_rows
 from preftune.errors import DataError
 
 # CSV cells are text, so a label may also be written as the words true and false.
@@ -36,14 +36,19 @@ LABEL_WORDS = {"true": True, "false": False}
 
 
 def load_records(
-    spec: str, split: str = "train", kind: str = "auto", skipped: Skipped = None
+    spec: str,
+    split: str = "train",
+    kind: str = "auto",
+    skipped: Skipped = None,
+    columns: Columns | None = None,
 ) -> tuple[Sequence[Record], str, str]:
-    """The records of ``spec`` (see ``read_rows``) as ``kind``, with the layout's name and the
+    """The records of ``spec`` (see ``read_rows``, which renames ``columns``) as ``kind``, with
+    the layout's name and the
     kind: ``pairs`` (:class:`Pair`, or :class:`Ranked` for ranked rows), ``sft``
     (:class:`Demo`) or ``unpaired`` (:class:`Rated`); ``auto`` reads the kind off the first
     row (:func:`~preftune.data.rows.first_kind`). Each record carries its row number; with
     ``skipped``, bad rows are collected there."""
-    return records_from_rows(spec, read_rows(spec, split, skipped), kind, skipped)
+    return records_from_rows(spec, read_rows(spec, split, skipped, columns), kind, skipped)
 
 
 def records_from_rows(
@@ -58,7 +63,7 @@ def records_from_rows(
 
 
 def load_pairs(
-    spec: str, split: str = "train", skipped: Skipped = None
+    spec: str, split: str = "train", skipped: Skipped = None, columns: Columns | None = None
 ) -> tuple[list[Pair] | list[Ranked], str]:
     """Preference pairs for a paired loss and the detected layout.
 
@@ -67,30 +72,35 @@ def load_pairs(
     ``hh`` (Anthropic-HH transcripts; the prompt runs to the last ``"\\n\\nAssistant:"``);
     ``ranked`` rows (prompt, responses, and ranking or scores) become :class:`Ranked` records.
     A paired loss has no use for a ``margin`` column: the layout's name then notes that it is
-    ignored (reward models read the same records, margins included).
+    ignored (reward models read the same records, margins included). Every loader reads its
+    rows with :func:`~preftune.data.sources.read_rows`, which renames ``columns``.
     """
-    pairs, layout = pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
+    pairs, layout = pairs_from_rows(spec, read_rows(spec, split, skipped, columns), skipped)
     return pairs, noting_unused_margins(layout, pairs)
 
 
 def load_preferences(
-    spec: str, split: str = "train", skipped: Skipped = None
+    spec: str, split: str = "train", skipped: Skipped = None, columns: Columns | None = None
 ) -> tuple[list[Pair] | list[Ranked], str]:
     """Pairs, each with its ``margin`` (0 without one), and ranked rows, for a reward model."""
-    return pairs_from_rows(spec, read_rows(spec, split, skipped), skipped)
+    return pairs_from_rows(spec, read_rows(spec, split, skipped, columns), skipped)
 
 
-def load_demos(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Demo], str]:
+def load_demos(
+    spec: str, split: str = "train", skipped: Skipped = None, columns: Columns | None = None
+) -> tuple[list[Demo], str]:
     """Demonstrations and the detected layout: ``prompt_completion`` (strings or message lists)
     or ``messages`` (one conversation; its last message, the assistant's, is the completion)."""
-    return demos_from_rows(spec, read_rows(spec, split, skipped), skipped)
+    return demos_from_rows(spec, read_rows(spec, split, skipped, columns), skipped)
 
 
-def load_rated(spec: str, split: str = "train", skipped: Skipped = None) -> tuple[list[Rated], str]:
+def load_rated(
+    spec: str, split: str = "train", skipped: Skipped = None, columns: Columns | None = None
+) -> tuple[list[Rated], str]:
     """Judged completions and the layout: ``unpaired`` rows (``prompt``, ``completion``, a boolean
     ``label``) as they are, or pairs (any layout of :func:`load_pairs`) split by
     :func:`split_pairs`."""
-    return rated_from_rows(spec, read_rows(spec, split, skipped), skipped)
+    return rated_from_rows(spec, read_rows(spec, split, skipped, columns), skipped)
 
 
 def pairs_from_rows(

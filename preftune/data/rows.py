@@ -142,6 +142,9 @@ class RowChecker:
         for field in fields:
             if not has_field(self.row, field):
                 raise self.error(f"missing (layout {dataset} needs {', '.join(fields)})", field)
+            if dataset == "hh" and isinstance(self.row[field], str):
+                # An empty transcript has no layout to detect: it is an empty response.
+                self.nonempty(self.row[field], field)
         found = detect(self.spec, self.number, self.row)
         # A transcript-looking row in a plain implicit dataset is still a valid implicit pair.
         if found != dataset and (found, dataset) != ("hh", "implicit"):

@@ -6,6 +6,9 @@ JSON, bad bytes, a wrong number of cells) raises, or, given a ``skipped`` list, 
 left out, so that one pass can report every bad row; a source that cannot be read at all always
 raises. JSON Lines and CSV files are read a line at a time and parquet files a batch of rows at a
 time, so reading a file costs little more than the rows it holds.
+
+Columns are renamed here, once, as rows come in (``data.columns``, :func:`renamed`): everything
+after, layout detection included, sees preftune's field names.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import csv
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,11 @@ from preftune.errors import DataError
 Row = dict[str, Any]
 Rows = list[tuple[int, Row]]
 Skipped = list[DataError] | None
+Columns = Mapping[str, str]
+"""preftune's field name (``prompt``, ``chosen``, …) to the column of the source that holds it."""
+OPTIONAL_FIELDS = ("ranking", "scores", "margin", "chosen_probability")
+"""Fields a row may go without: a ranked row orders its responses by a ranking or by scores, and
+a pair's margin and chosen probability are optional. A row may lack the column mapped to one."""
 NEWLINE = b"\n"
 MAX_ROW_BYTES = 8 * 2**20
 """The most text one row may hold: the UTF-8 bytes of all its strings. A text is tokenized whole,
@@ -34,14 +42,18 @@ ACCEPTED = ".jsonl, .json, .parquet, .csv, or a directory saved by datasets.save
 _HUB_ID = re.compile(r"^(?P<name>[\w][\w.-]*/[\w][\w.-]*)(?::(?P<split>[\w.-]+))?$")
 
 
-def read_rows(spec: str, split: str = "train", skipped: Skipped = None) -> Rows:
-    """The rows of the dataset named by ``spec``, each with its 1-based row number.
+def read_rows(
+    spec: str, split: str = "train", skipped: Skipped = None, columns: Columns | None = None
+) -> Rows:
+    """The rows of the dataset named by ``spec``, each with its 1-based row number, with the
+    columns ``columns`` names renamed to their fields (:func:`renamed`).
 
     ``spec`` is a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory written by
     ``datasets.save_to_disk``, or a hub id ``org/name`` (optionally ``org/name:split``, which
-    overrides ``split``). Raises ``DataError`` naming the source (and row) on anything unreadable
-    and on a row holding more than ``MAX_ROW_BYTES`` of text; with ``skipped``, such a row is
-    appended there instead and the others are returned.
+    overrides ``split``). Raises ``DataError`` naming the source (and row) on anything unreadable,
+    on a row holding more than ``MAX_ROW_BYTES`` of text and on a row without a column
+    ``columns`` names; with ``skipped``, such a row is appended there instead and the others are
+    returned.
     """
     path = Path(spec).expanduser()
     before = len(skipped) if skipped is not None else 0
@@ -50,14 +62,28 @@ def read_rows(spec: str, split: str = "train", skipped: Skipped = None) -> Rows:
     elif path.is_file():
         rows = _read_file(spec, path, skipped)
     else:
-        hub = _HUB_ID.match(spec)
-        if hub is None or path.suffix.lower() in _READERS or spec.startswith((".", "/", "~")):
+        hub = _hub_id(spec)
+        if hub is None:
             raise DataError(spec, "no such file")
         rows = _read_hub(spec, hub["name"], hub["split"] or split)
-    rows = _within_size_limit(spec, rows, skipped)
+    rows = renamed(spec, _within_size_limit(spec, rows, skipped), columns, skipped)
     if not rows and (skipped is None or len(skipped) == before):
         raise DataError(spec, "no rows")
     return rows
+
+
+def missing(spec: str) -> bool:
+    """Whether ``spec`` names a local file or directory that is not there; a name that may be a
+    hub id is never missing here (the hub is asked only when its rows are read)."""
+    return not Path(spec).expanduser().exists() and _hub_id(spec) is None
+
+
+def _hub_id(spec: str) -> re.Match[str] | None:
+    """``spec`` as a hub id ``org/name[:split]``; None where it can only be a local path (a
+    file's extension, or a start such as ``./`` or ``/``)."""
+    if Path(spec).suffix.lower() in _READERS or spec.startswith((".", "/", "~")):
+        return None
+    return _HUB_ID.match(spec)
 
 
 def _within_size_limit(spec: str, rows: Rows, skipped: Skipped) -> Rows:
@@ -71,6 +97,32 @@ def _within_size_limit(spec: str, rows: Rows, skipped: Skipped) -> Rows:
         limit = f"{MAX_ROW_BYTES:,} ({MAX_ROW_BYTES // 2**20} MiB)"
         message = f"too large: {size:,} bytes of text; a row may hold at most {limit}"
         keep_or_raise(DataError(spec, message, row=number), skipped)
+    return kept
+
+
+def renamed(spec: str, rows: Rows, columns: Columns | None, skipped: Skipped) -> Rows:
+    """``rows`` with the column ``columns`` maps each field to renamed to the field: a column it
+    names leaves the row under that name (whatever the row held under the field's name is
+    replaced), and the columns it does not name stay as they are. A row without a named column
+    is an error naming the column, unless the column is mapped to one of
+    :data:`OPTIONAL_FIELDS`."""
+    if not columns:
+        return rows
+    named = set(columns.values())
+    required = {field: column for field, column in columns.items() if field not in OPTIONAL_FIELDS}
+    kept = []
+    for number, row in rows:
+        absent = next((field for field, column in required.items() if column not in row), None)
+        if absent is not None:
+            found = ", ".join(row) or "none"
+            message = (
+                f"no column '{columns[absent]}', which data.columns maps {absent} to "
+                f"(columns: {found})"
+            )
+            keep_or_raise(DataError(spec, message, row=number), skipped)
+            continue
+        fields = {field: row[column] for field, column in columns.items() if column in row}
+        kept.append((number, {**{k: v for k, v in row.items() if k not in named}, **fields}))
     return kept
 
 

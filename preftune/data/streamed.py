@@ -9,7 +9,8 @@ source is read whole, then handed out in chunks. Two things make chunks agree wi
   of rows (the *anchor*) is read again before every later chunk, and what it gives is left out,
   so each chunk is read under the decisions the whole file gets.
 - Reading the whole file finds errors stage after stage: every unparsable line, then every row
-  too large, then every malformed row, then every row the chat template fails on. Errors are
+  too large, then every row without a column ``data.columns`` names, then every malformed row,
+  then every row the chat template fails on. Errors are
   kept by stage (:class:`Verdicts`) and listed in that order, so ``data.on_error=skip`` reports
   the same rows and a run that stops raises the error the whole-file path raises first.
 """
@@ -31,14 +32,22 @@ from preftune.data.readers import (
     rated_from_rows,
 )
 from preftune.data.records import Pair, Ranked, Record
-from preftune.data.sources import Rows, _one_line, _parse_jsonl, _within_size_limit, read_rows
+from preftune.data.sources import (
+    Columns,
+    Rows,
+    _one_line,
+    _parse_jsonl,
+    _within_size_limit,
+    read_rows,
+    renamed,
+)
 from preftune.errors import DataError, PreftuneError
 
 CHUNK_ROWS = 1000
 CHUNK_BYTES = 4 * 2**20
 """A chunk ends at this many rows or bytes of lines, whichever comes first: a few seconds of
 tokenizing, a few megabytes of text."""
-STAGES = ("read", "size", "records", "encode")
+STAGES = ("read", "size", "columns", "records", "encode")
 RowReader = Callable[[str, Rows, list[DataError] | None], tuple[Sequence[Record], str]]
 
 
@@ -100,15 +109,17 @@ def record_chunks(
     verdicts: Verdicts,
     layouts: list[str],
     chunk_rows: int = CHUNK_ROWS,
+    columns: Columns | None = None,
 ) -> Iterator[list[Record]]:
     """The records of ``spec`` read with ``read``, a chunk at a time, as reading every row at
-    once would give them; errors go to ``verdicts`` and each chunk's layout to ``layouts``.
+    once would give them (``columns`` renamed as ``read_rows`` renames them); errors go to
+    ``verdicts`` and each chunk's layout to ``layouts``.
     Leading chunks are read together, trying after 1, 2, 4, … chunks, until the reader turns a
     row into a record; once the run is bound to fail, later chunks are only read for the errors
     that come before."""
     head: Rows = []
     anchor: Rows | None = None
-    row_chunks = _row_chunks(spec, split, verdicts, chunk_rows)
+    row_chunks = _row_chunks(spec, split, verdicts, chunk_rows, columns)
     for count, (rows, last) in enumerate(_with_last(row_chunks), start=1):
         if verdicts.failed or (anchor is not None and not rows):
             continue
@@ -148,23 +159,27 @@ def _row(record: Record) -> int:
     return record.row if record.row is not None else 0
 
 
-def _row_chunks(spec: str, split: str, verdicts: Verdicts, chunk_rows: int) -> Iterator[Rows]:
-    """The rows of ``spec`` in chunks, at least one, possibly empty; errors of reading go to
-    ``verdicts``."""
+def _row_chunks(
+    spec: str, split: str, verdicts: Verdicts, chunk_rows: int, columns: Columns | None
+) -> Iterator[Rows]:
+    """The rows of ``spec`` in chunks, at least one, possibly empty, ``columns`` renamed; errors
+    of reading go to ``verdicts``."""
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".jsonl":
-        yield from _jsonl_chunks(spec, path, verdicts, chunk_rows)
+        yield from _jsonl_chunks(spec, path, verdicts, chunk_rows, columns)
         return
     errors: list[DataError] = []
-    rows = read_rows(spec, split, errors)
+    rows = read_rows(spec, split, errors, columns)
     verdicts.add("read", errors)
     for start in range(0, max(len(rows), 1), chunk_rows):
         yield rows[start : start + chunk_rows]
 
 
-def _jsonl_chunks(spec: str, path: Path, verdicts: Verdicts, chunk_rows: int) -> Iterator[Rows]:
-    """A JSON Lines file's rows, read, parsed and size-checked a chunk of lines at a time, each
-    row numbered by its line as ``read_rows`` numbers it."""
+def _jsonl_chunks(
+    spec: str, path: Path, verdicts: Verdicts, chunk_rows: int, columns: Columns | None
+) -> Iterator[Rows]:
+    """A JSON Lines file's rows, read, parsed, size-checked and renamed a chunk of lines at a
+    time, each row numbered by its line as ``read_rows`` numbers it."""
     lines_before = rows_read = 0
     try:
         with path.open("rb") as file:
@@ -176,6 +191,9 @@ def _jsonl_chunks(spec: str, path: Path, verdicts: Verdicts, chunk_rows: int) ->
                 size_errors: list[DataError] = []
                 rows = _within_size_limit(spec, rows, size_errors)
                 verdicts.add("size", size_errors)
+                column_errors: list[DataError] = []
+                rows = renamed(spec, rows, columns, column_errors)
+                verdicts.add("columns", column_errors)
                 lines_before += len(lines)
                 rows_read += len(rows)
                 if not lines and not rows_read and not any(verdicts.stages.values()):

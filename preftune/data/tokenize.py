@@ -141,8 +141,9 @@ def _render(
         raise _Unrenderable("prompt and responses must all be text or all be conversations")
     if tokenizer.chat_template is None:
         raise PreftuneError(
-            "the data is conversational but the tokenizer has no chat template; "
-            "set one on the tokenizer or convert the data to plain prompt/response text"
+            "the data is conversational but the tokenizer has no chat template: set "
+            "model.chat_template (chatml, llama3, zephyr, a Jinja file or a template), or "
+            "convert the data to plain prompt/response text"
         )
     prompt_text = _apply_template(tokenizer, prompt, add_generation_prompt=True)
     texts = []

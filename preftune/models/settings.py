@@ -31,6 +31,12 @@ class ModelSettings:
         "(QLoRA): none | 4bit (NF4) | 8bit; needs lora.r",
         ("none", "4bit", "8bit"),
     )
+    chat_template: str | None = option(
+        None,
+        "the template conversations are rendered with: chatml | llama3 | zephyr (built in), a "
+        "Jinja file, or the template itself; saved with the trained tokenizer (null: the "
+        "tokenizer's own)",
+    )
     hidden_size: int | None = option(None, "tiny preset only: hidden size (null: 64)", at_least=1)
     num_layers: int | None = option(
         None, "tiny preset only: number of layers (null: 2)", at_least=1
