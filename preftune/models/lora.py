@@ -36,7 +36,8 @@ def is_lora(model: torch.nn.Module) -> TypeGuard[PeftModel]:
 
 
 def save_merged(model: PeftModel, output_dir: Path) -> torch.nn.Module:
-    """Write the adapters to ``output_dir/adapter`` and return the model with them merged into
-    its weights, to be saved as an ordinary model directory."""
-    model.save_pretrained(str(output_dir / "adapter"))
+    """Write the trained adapters to ``output_dir/adapter`` and return the model with them
+    merged into its weights, to be saved as an ordinary model directory. Only the active adapter
+    is written and merged: not a reference's beside it (see :mod:`preftune.models.reference`)."""
+    model.save_pretrained(str(output_dir / "adapter"), selected_adapters=[model.active_adapter])
     return model.merge_and_unload()

@@ -1,10 +1,12 @@
 """Reference log-probabilities computed once, before training, and cached on disk.
 
 Before the first update the policy is the reference, so one pass of the policy without gradient
-over the data gives every reference log-probability; no second model is ever built. The values
-are stored under a key that hashes everything they depend on: the weights and architecture, the
-token ids of every pair (so the tokenizer, the data and the truncation settings) and the compute
-dtype. A later run or epoch with the same key reads them back.
+over the data gives every reference log-probability; no second model is ever built. A reference
+of its own (``reference.model``: a model, or a LoRA adapter put on the policy's base) makes the
+pass, and is then freed. The values are stored under a key that hashes everything they depend
+on: the reference's weights and architecture (its base's and adapter's), the token ids of every
+pair (so the tokenizer, the data and the truncation settings) and the compute dtype. A later run
+or epoch with the same key reads them back.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +31,11 @@ from preftune.data.digest import examples_digest
 from preftune.data.encode import EncodedPair
 from preftune.files import replaced_atomically
 from preftune.models.attention import inner_model
+from preftune.progress import bars_shown
 from preftune.shares import decide_on_main, process_parts
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 # Bump when the way log-probabilities are computed changes, so old caches are not reused.
 FORMAT = 2
@@ -52,11 +58,36 @@ def model_digest(model: torch.nn.Module) -> str:
     for key in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         config.pop(key, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    _hash_tensors(digest, model.state_dict())
+    return digest.hexdigest()
+
+
+def adapter_digest(base_hash: str, model: PeftModel, adapter: str) -> str:
+    """A hash of the base model (``base_hash``, its :func:`model_digest` before any adapter)
+    under LoRA adapter ``adapter`` of ``model``: the adapter's config (what it adapts, how it
+    scales) and every weight, bit for bit. The model's other adapters are left out."""
+    from peft import get_peft_model_state_dict
+
+    digest = hashlib.blake2b(base_hash.encode(), digest_size=16)
+    config = model.peft_config[adapter].to_dict()
+    for key in ("base_model_name_or_path", "revision", "inference_mode", "peft_version"):
+        config.pop(key, None)
+    digest.update(json.dumps(config, sort_keys=True, default=_plain).encode())
+    _hash_tensors(digest, get_peft_model_state_dict(model, adapter_name=adapter))
+    return digest.hexdigest()
+
+
+def _hash_tensors(digest: hashlib.blake2b, tensors: dict[str, torch.Tensor]) -> None:
+    """Add each of ``tensors`` to ``digest``, by name: its dtype, shape and bytes."""
+    for name, tensor in sorted(tensors.items()):
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """A config value JSON cannot write, as it can: a set as a sorted list, else its text."""
+    return sorted(value) if isinstance(value, set) else str(value)
 
 
 def cache_key(model_hash: str, examples: Sequence[EncodedPair], dtype: torch.dtype) -> str:
@@ -99,8 +130,9 @@ class WithReference(Sequence[EncodedPair]):
 
 @dataclass
 class ReferencePass:
-    """How to score pairs with the reference: the policy before any update, its scoring
-    function and batch layout, the pairs per forward, and the processes sharing the work."""
+    """How to score pairs with the reference: the policy before any update (or the reference
+    model of its own), its scoring function and batch layout, the pairs per forward, and the
+    processes sharing the work."""
 
     model: torch.nn.Module
     score: Score
@@ -146,7 +178,8 @@ class ReferencePass:
         parts = process_parts(
             len(examples), acc.process_index, acc.num_processes, self.batch_size, lockstep
         )
-        bar = tqdm(parts, desc=f"reference log-probs ({label})", disable=not acc.is_main_process)
+        shown = acc.is_main_process and bars_shown()
+        bar = tqdm(parts, desc=f"reference log-probs ({label})", disable=not shown)
         for part in bar:
             batch = self.collate([examples[i] for i in part or [0]])
             batch = {key: value.to(acc.device) for key, value in batch.items()}

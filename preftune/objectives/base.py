@@ -45,6 +45,25 @@ class StepAware(Protocol):
     def begin_step(self, model: torch.nn.Module, batches: list[Batch]) -> None: ...
 
 
+@runtime_checkable
+class AfterStep(Protocol):
+    """An objective with state that follows the policy (TR-DPO's reference, mixed toward it):
+    the loop calls it with the model as it holds it and the step's number right after each
+    update it keeps, never after a step whose update was skipped or undone."""
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None: ...
+
+
+@runtime_checkable
+class KeepsState(Protocol):
+    """An objective with modules of its own that are not trained but change as the run trains
+    (a synced reference's weights): the loop checkpoints them whole beside the trained modules
+    and restores them on resume, never optimizing them."""
+
+    @property
+    def state_modules(self) -> dict[str, torch.nn.Module]: ...
+
+
 def mean_metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A per-example metric, to be averaged over every example of the step."""
     values = values.detach().float()

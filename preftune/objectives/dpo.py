@@ -15,7 +15,7 @@ from preftune.errors import ConfigError, DataError
 from preftune.losses import LossParams, PairLogps, combined_loss
 from preftune.losses.settings import LossSettings
 from preftune.models.logps import layout_logps, sequence_logps
-from preftune.models.reference import ReferenceProvider
+from preftune.models.reference import ReferenceProvider, SyncedReference
 from preftune.objectives.base import Batch, Metrics, mean_metric
 from preftune.objectives.speed import PairScoring
 
@@ -29,8 +29,10 @@ class PairedObjective:
     only, in chunks; without, they are scored from the model's full logits. Without ``scoring``
     (or with every lever off) this is the plain computation every lever is tested against.
     Reference log-probs come from the batch when they were precomputed, else from
-    ``reference``. With ``loss.soft_labels``, the loss's ε is the batch's ``label_smoothing``,
-    each pair's own (ε_i = 1 − P(chosen ≻ rejected)), in place of ``loss.label_smoothing``.
+    ``reference``; a :class:`SyncedReference` (TR-DPO) is mixed toward the policy after each
+    update (:meth:`after_step`) and its weights checkpointed (:attr:`state_modules`). With
+    ``loss.soft_labels``, the loss's ε is the batch's ``label_smoothing``, each pair's own
+    (ε_i = 1 − P(chosen ≻ rejected)), in place of ``loss.label_smoothing``.
     """
 
     name = "dpo"
@@ -96,6 +98,17 @@ class PairedObjective:
             "logps/rejected": mean_metric(logps[half:]),
         }
         return losses.sum(), metrics
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        if isinstance(self.reference, SyncedReference):
+            self.reference.after_step(model, step)
+
+    @property
+    def state_modules(self) -> dict[str, torch.nn.Module]:
+        """A synced reference's weights, which the run changes: kept by its checkpoints."""
+        if isinstance(self.reference, SyncedReference):
+            return {"reference": self.reference.weights}
+        return {}
 
     def _params(self, batch: Batch, dtype: torch.dtype) -> LossParams:
         """The loss's parameters for ``batch``: with soft labels, its pairs' own ε."""

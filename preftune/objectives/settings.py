@@ -1,12 +1,17 @@
-"""Keys of the objectives: the speed levers of the paired ones (``speed.*``), KTO's (``kto.*``)
-and self-play's (``spin.*``), each checked when the config is built."""
+"""Keys of the objectives: the speed levers of the paired ones (``speed.*``) and their reference
+(``reference.*``), KTO's (``kto.*``) and self-play's (``spin.*``), each checked when the config
+is built."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from preftune.errors import ConfigError
 from preftune.fields import check_fields, option
+
+if TYPE_CHECKING:
+    from preftune.losses.settings import LossSettings
 
 
 @dataclass
@@ -183,3 +188,72 @@ class OnlineSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, "online")
+
+
+@dataclass
+class ReferenceSettings:
+    """The reference of the paired losses: the starting policy, or the model (or, under LoRA,
+    the adapter) ``model`` names; with ``sync_every``, moved toward the policy as it trains
+    (TR-DPO)."""
+
+    model: str | None = option(
+        None,
+        "the reference: a model directory or hub id with the policy's tokenizer, or under LoRA "
+        "an adapter directory (saved by save_pretrained) put on the policy's base in place of "
+        "its adapters (null: the starting policy)",
+    )
+    sync_every: int = option(
+        0,
+        "TR-DPO: every this many optimizer steps the reference becomes "
+        "α·policy + (1 − α)·reference, α being reference.sync_mix; the reference then changes, "
+        "so its log-probs are computed as it is, each step (needs speed.reference_cache=false; "
+        "0: never)",
+        at_least=0,
+    )
+    sync_mix: float = option(
+        0.6,
+        "α of reference.sync_every, weight by weight (under LoRA: the adapters'): 1 copies the "
+        "policy (a hard update), less mixes (a soft one)",
+        above=0,
+        at_most=1,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "reference")
+        default = ReferenceSettings.__dataclass_fields__["sync_mix"].default
+        if self.sync_every == 0 and self.sync_mix != default:
+            raise ConfigError("reference.sync_mix has no effect without reference.sync_every")
+        if self.model == "tiny":
+            raise ConfigError(
+                "reference.model=tiny: the tiny preset is built from the run's seed, so it is the "
+                "starting policy, the reference already; leave reference.model unset"
+            )
+
+    def check_run(self, loss: LossSettings, speed: SpeedSettings, distributed: str) -> None:
+        """Refuse, in one line, a reference that the rest of the run's config leaves without
+        effect or cannot serve: one for a loss that uses none; TR-DPO's, which changes as the run
+        trains, with log-probs cached before it (``speed.reference_cache``) or with sharded
+        weights (``train.distributed=fsdp2``), which are not mixed whole."""
+        if self.model is None and self.sync_every == 0:
+            return
+        key = "reference.sync_every" if self.sync_every else "reference.model"
+        # The registry loads the losses, and torch: only once a reference key is set.
+        from preftune.losses import combined_loss
+
+        if loss.reference_free:
+            raise ConfigError(f"{key} has no effect with loss.reference_free=true")
+        if not combined_loss(loss.type, loss.weights).needs_reference:
+            raise ConfigError(
+                f"{key} has no effect with loss.type={', '.join(loss.type)}, which uses no "
+                "reference"
+            )
+        if self.sync_every and speed.reference_cache:
+            raise ConfigError(
+                "reference.sync_every changes the reference as the run trains, so its log-probs "
+                "cannot be cached before: set speed.reference_cache=false"
+            )
+        if self.sync_every and distributed == "fsdp2":
+            raise ConfigError(
+                "reference.sync_every does not run under train.distributed=fsdp2 yet (it mixes "
+                "whole weights): use train.distributed=ddp"
+            )
