@@ -23,3 +23,14 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
 def write_text_atomically(path: Path, text: str) -> None:
     with replaced_atomically(path) as partial:
         partial.write_text(text, encoding="utf-8")
+
+
+CHECKPOINT_FILES = ("training_state.pt", "state.json")
+"""What every checkpoint holds (its weights files are listed in its state.json); written last,
+they make it complete."""
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a complete checkpoint of a run: it holds ``training_state.pt`` and
+    ``state.json`` (not verified)."""
+    return all((path / name).is_file() for name in CHECKPOINT_FILES)

@@ -264,19 +264,19 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoints(
 ) -> None:
     """The second save runs out of disk: one line, and the checkpoints are as they were."""
     out = tmp_path / "out"
-    original, before = checkpoint.save_model, {}
+    original, before = checkpoint.save_file, {}
 
-    def fill_up(model, filename):
+    def fill_up(weights, filename, metadata=None):
         if before:
             raise AssertionError("saved again after the failure")
         if list((out / "checkpoints").glob("step-*")):
             files = (out / "checkpoints").rglob("*")
             before.update({p: p.read_bytes() for p in files if p.is_file()})
-            original(model, filename)  # a partial write, then the disk is full
+            original(weights, filename, metadata)  # a partial write, then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        original(model, filename)
+        original(weights, filename, metadata)
 
-    monkeypatch.setattr(checkpoint, "save_model", fill_up)
+    monkeypatch.setattr(checkpoint, "save_file", fill_up)
     with pytest.raises(TrainingError, match="No space left on device; stopped, the newest"):
         dpo([*small_run, *STEPS[1:], "train.max_steps=4"])
     after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}

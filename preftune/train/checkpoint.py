@@ -8,10 +8,16 @@ are renamed away before they are deleted, so a directory named ``step-*`` is alw
 process killed at any moment leaves the newest complete checkpoint loadable, and the leftovers
 (``.tmp-*``, ``.old-*``) are removed on the next start. A checkpoint damaged afterwards (a disk
 error, a copy cut short) fails its checksums and is passed over for the newest intact one.
+
+A checkpoint of a model's whole weights (one process, or DDP) is also a Hugging Face model
+directory: its config and tokenizer lie beside ``model.safetensors``, checksummed with the rest,
+and ``from_pretrained`` and ``model=`` read it as it is. One of LoRA adapters or of shards is
+made one by ``preftune export`` (:mod:`preftune.commands.export`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -25,14 +31,15 @@ import numpy
 import torch
 import xxhash
 from safetensors.torch import load_model, save_file, save_model
+from transformers import PreTrainedModel
 
 from preftune.errors import TrainingError
+from preftune.files import CHECKPOINT_FILES as FILES
+from preftune.files import is_checkpoint
 
 PREFIX = "step-"
 STAGING = ".tmp-"
 RETIRED = ".old-"
-# Every checkpoint has these; its weights files are listed in its state.json.
-FILES = ("training_state.pt", "state.json")
 
 
 def weights_file(name: str) -> str:
@@ -60,7 +67,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories holding every file, oldest first."""
-    return [p for p in checkpoint_dirs(root) if all((p / name).is_file() for name in FILES)]
+    return [p for p in checkpoint_dirs(root) if is_checkpoint(p)]
 
 
 @dataclass
@@ -139,15 +146,19 @@ def save_checkpoint(
     scheduler: Any,
     keep: int,
     identity: dict[str, Any],
+    tokenizer: Any = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically: each of ``modules`` (``model`` first), the
     optimizer and scheduler, every random generator. ``identity`` goes into ``state.json``: the
     run's config and data digest, for a resumed run to compare with its own, and its batch
-    source's position."""
+    source's position. When the model's weights are saved whole, its config and ``tokenizer``
+    go beside them (:func:`write_model_files`)."""
     staging = stage(output_dir, step)
     try:
         for name, module in modules.items():
             save_weights(module, staging / weights_file(name))
+        if trains_whole(modules["model"]):
+            write_model_files(staging, modules["model"], tokenizer)
     except BaseException:
         discard(staging)
         raise
@@ -218,20 +229,54 @@ def load_checkpoint(
     return read_state(path)
 
 
+def trains_whole(module: torch.nn.Module) -> bool:
+    """Whether every weight of ``module`` trains (none is frozen, as a base under LoRA is)."""
+    return all(parameter.requires_grad for parameter in module.parameters())
+
+
 def save_weights(module: torch.nn.Module, path: Path) -> None:
     """The weights a run changes: all of them, or, where some are frozen (LoRA adapters on a
     base model, maybe quantized), only the trainable ones; the rest come from the model the
-    run starts from."""
-    frozen = any(not parameter.requires_grad for parameter in module.parameters())
-    if not frozen:
+    run starts from. A Hugging Face model's whole weights are named as ``save_pretrained``
+    names them (:func:`untied`), so that the file is that model's weights file too."""
+    if not trains_whole(module):
+        weights = {
+            name: parameter.detach().contiguous()
+            for name, parameter in module.named_parameters()
+            if parameter.requires_grad
+        }
+        save_file(weights, str(path))
+    elif isinstance(module, PreTrainedModel):
+        weights = {name: tensor.contiguous() for name, tensor in untied(module).items()}
+        save_file(weights, str(path), metadata={"format": "pt"})
+    else:
         save_model(module, str(path))
+
+
+def untied(model: torch.nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``state_dict`` (by default the model's own) as ``save_pretrained`` writes it: a tied
+    weight once, under its source's name (the input embeddings, not the output layer that
+    shares them). Loading gives the tied names their weight again."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    weights = model.state_dict() if state_dict is None else state_dict
+    return {name: tensor for name, tensor in weights.items() if name not in tied}
+
+
+def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Any) -> None:
+    """What makes ``directory``, which holds ``model``'s whole weights, a model directory that
+    ``from_pretrained`` and ``model=`` read, as ``save_pretrained`` writes it: the config (with
+    the model's class and dtype), the generation config of a model that generates, and the
+    tokenizer's files when there is a tokenizer."""
+    if not isinstance(model, PreTrainedModel):
         return
-    trainable = {
-        name: parameter.detach().contiguous()
-        for name, parameter in module.named_parameters()
-        if parameter.requires_grad
-    }
-    save_file(trainable, str(path))
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = str(model.dtype).removeprefix("torch.")
+    config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:

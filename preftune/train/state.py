@@ -120,9 +120,11 @@ def save(
     scheduler: Any,
     keep: int,
     identity: dict[str, Any],
+    tokenizer: Any = None,
 ) -> None:
     """Checkpoint ``step``; a failed write (a full disk) is one line on every process, the
-    checkpoints written before it intact."""
+    checkpoints written before it intact. An unsharded model's whole weights are written with
+    its config and ``tokenizer``: a model directory of its own (see :mod:`.checkpoint`)."""
     model = modules["model"]
     try:
         if is_sharded(model) or is_deepspeed(acc):
@@ -132,7 +134,7 @@ def save(
         def write() -> None:
             unwrapped = {name: acc.unwrap_model(module) for name, module in modules.items()}
             checkpoint.save_checkpoint(
-                output_dir, step, unwrapped, optimizer, scheduler, keep, identity
+                output_dir, step, unwrapped, optimizer, scheduler, keep, identity, tokenizer
             )
 
         decide_on_main(acc, write)
@@ -204,6 +206,30 @@ def load(
     return checkpoint.read_state(path)
 
 
+def load_whole(path: Path, model: torch.nn.Module) -> None:
+    """The model weights of the checkpoint at ``path`` into ``model``, a whole copy of the run's
+    model as it was built (see :func:`preftune.commands.common.rebuilt`) on one process, however
+    the run wrote them: whole or its trainable ones only, shards (every process's, read here by
+    one), or a DeepSpeed engine's partitions (their float32 master weights). The optimizer state
+    is not read."""
+    if (path / ENGINE).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path / ENGINE), "state"))
+    elif (path / SHARDS).is_dir():
+        from torch.distributed.checkpoint import load as load_shards
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            set_model_state_dict,
+        )
+
+        state = {"model": get_model_state_dict(model)}
+        load_shards(state, checkpoint_id=str(path / SHARDS))
+        set_model_state_dict(model, state["model"])
+    else:
+        checkpoint.load_weights(model, path / checkpoint.weights_file("model"))
+
+
 def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -250,7 +276,5 @@ def save_pretrained(
     module = acc.unwrap_model(model)
     options: dict[str, Any] = {"safe_serialization": True, "max_shard_size": max_shard_size}
     if state_dict is not None:
-        # A tied weight is saved once, under its source's name, as the model would save it.
-        tied = getattr(module, "all_tied_weights_keys", None) or {}
-        options["state_dict"] = {k: v for k, v in state_dict.items() if k not in tied}
+        options["state_dict"] = checkpoint.untied(module, state_dict)
     module.save_pretrained(directory, **options)
