@@ -54,7 +54,7 @@ def test_memory_is_flat_over_thousands_of_steps(
 
     def measured(self: metrics_log.MetricsLog) -> None:
         advance(self)
-        step = self.bar.n if self.enabled else 0
+        step = self.totals.step if self.enabled else 0
         if step in (WARM_UP, STEPS):
             samples[step] = (resident_kib(), *live_objects())
 

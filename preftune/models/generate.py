@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from preftune.data.collate import collate_demos
 from preftune.data.encode import EncodedDemo
 from preftune.models.logps import sequence_logps
+from preftune.progress import bars_shown
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin
@@ -63,7 +64,7 @@ def sample(
 ) -> list[Completion]:
     """``num_samples`` completions of each prompt, prompt-major, by ancestral sampling.
 
-    ``desc`` shows a progress bar with that label.
+    ``desc`` shows a progress bar with that label (when :func:`~preftune.progress.bars_shown`).
     """
     jobs = [prompt for prompt in prompts for _ in range(num_samples)]
     encoded = [tokenizer(prompt).input_ids for prompt in jobs]
@@ -88,7 +89,8 @@ def generate_ids(
     """The continuation of each prompt's token ids, ending with EOS if the model stopped.
 
     Prompts go ``batch_size`` at a time, left-padded; the global random state is seeded with
-    ``seed`` for the call and restored after it. ``desc`` shows a progress bar with that label.
+    ``seed`` for the call and restored after it. ``desc`` shows a progress bar with that label
+    (when :func:`~preftune.progress.bars_shown`).
     """
     was_training = model.training
     model.eval()
@@ -99,7 +101,8 @@ def generate_ids(
     out: list[list[int]] = []
     try:
         starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc=desc, disable=desc is None, dynamic_ncols=True):
+        shown = desc is not None and bars_shown()
+        for start in tqdm(starts, desc=desc, disable=not shown, dynamic_ncols=True):
             chunk = prompts[start : start + batch_size]
             width = max(len(ids) for ids in chunk)
             # Left padding keeps every prompt's last token at the same position for generate.
