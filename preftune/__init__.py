@@ -1,4 +1,9 @@
-"""preftune: align causal language models to preference data directly (DPO and its family)."""
+"""preftune: align causal language models to preference data directly (DPO and its family).
+
+From Python, ``from preftune.api import train``, then
+``train("dpo", model=..., train=rows, **{"train.max_steps": 10})`` runs a training command;
+importing preftune loads no torch.
+"""
 
 import logging
 
@@ -8,3 +13,5 @@ __version__ = "0.1.0"
 # an optional kernel could not be fetched from the hub, then uses its own: not worth a line on
 # every run.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+__all__ = ["__version__"]

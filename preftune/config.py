@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,24 +36,114 @@ C = TypeVar("C", bound="DataclassInstance")
 # and a "billion laughs" document, a few nested anchors, would otherwise expand to billions.
 MAX_YAML_VALUES = 10_000
 
+BATCH_NOTE = (
+    "train.batch_size is the global batch per optimizer step and train.micro_batch_size the "
+    "examples per process per forward pass: gradient accumulation is batch_size / (processes x "
+    "micro_batch_size)"
+)
+FOREIGN_KEYS: dict[str, tuple[str, str]] = {
+    "gradient_accumulation_steps": ("train.batch_size", BATCH_NOTE),
+    "per_device_train_batch_size": ("train.batch_size", BATCH_NOTE),
+    "per_device_eval_batch_size": (
+        "train.micro_batch_size",
+        "evaluation runs in micro-batches of train.micro_batch_size",
+    ),
+    "num_train_epochs": ("train.epochs", ""),
+    "lr_scheduler_type": ("train.lr_scheduler", ""),
+    "warmup_ratio": (
+        "train.warmup_steps",
+        "warmup is counted in steps: set train.warmup_steps to the ratio x the optimizer steps",
+    ),
+    "logging_steps": ("train.log_every", ""),
+    "eval_steps": ("train.eval_every", ""),
+    "save_steps": ("train.save_every", ""),
+    "save_total_limit": ("train.keep_checkpoints", ""),
+    "optim": ("train.optimizer", ""),
+    "loss_type": ("loss.type", ""),
+    "loss_weights": ("loss.weights", ""),
+    "model_name_or_path": ("model.path", ""),
+    "bf16": ("model.dtype", "use model.dtype=bfloat16"),
+    "fp16": ("model.dtype", "use model.dtype=float16"),
+    "max_completion_length": (
+        "data.max_length",
+        "data.max_length bounds prompt and response together, data.max_prompt_length the prompt",
+    ),
+    "precompute_ref_log_probs": (
+        "speed.reference_cache",
+        "speed.reference_cache (on by default) computes the reference's log-probs once, before "
+        "training",
+    ),
+    "ref_model": ("reference.model", ""),
+    "ref_adapter_name": (
+        "reference.model",
+        "under LoRA, reference.model takes the reference's adapter directory (no adapter names)",
+    ),
+    "model_adapter_name": (
+        "lora.r",
+        "the policy trains adapters of its own (lora.*): no adapter names to give",
+    ),
+    "sync_ref_model": (
+        "reference.sync_every",
+        "TR-DPO: set reference.sync_every (steps) and reference.sync_mix (alpha)",
+    ),
+    "ref_model_sync_steps": ("reference.sync_every", ""),
+    "ref_model_mixup_alpha": ("reference.sync_mix", ""),
+    "padding_free": (
+        "speed.packing",
+        "speed.packing (on by default) packs each micro-batch's pairs into rows, without padding",
+    ),
+    "use_logits_to_keep": (
+        "speed.logits_chunk",
+        "the output layer runs on response positions only, speed.logits_chunk of them at a time",
+    ),
+}
+"""Keys of other trainers' configs (TRL's ``DPOConfig``, transformers' ``TrainingArguments``)
+that users bring with them, by name: the preftune key that takes their place and, where that
+key means something else, what to do instead. Offered, where the config has that key, before the
+nearest spelling."""
+
 
 def describe(cls: type) -> list[tuple[str, str, str]]:
     """Every dotted key of a config class as (key, default, help), in declaration order; the
-    help ends with the key's range, if it has one."""
+    help ends with the key's valid names (unless it names each already) and its range, if it
+    has them."""
     rows = []
     for key, f, _ in _leaves(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
-        bounds = str(f.metadata["bounds"])
-        rows.append(
-            (key, text, f"{f.metadata['help']}; {bounds}" if bounds else f.metadata["help"])
-        )
+        help = f.metadata["help"]
+        choices = f.metadata["choices"]
+        named = all(re.search(rf"\b{re.escape(choice)}\b", help) for choice in choices)
+        notes = [f"one of {', '.join(choices)}" if not named else "", str(f.metadata["bounds"])]
+        rows.append((key, text, "; ".join([help, *filter(None, notes)])))
     return rows
 
 
 def load_config(cls: type[C], path: str | None = None, overrides: Sequence[str] = ()) -> C:
     """Build ``cls`` from an optional YAML file and ``key=value`` overrides (later wins)."""
     return _build(cls, given_keys(path, overrides))
+
+
+def build_config(cls: type[C], values: Mapping[str, Any]) -> C:
+    """Build ``cls`` from Python values by dotted key (``{"train.max_steps": 10}``; a mapping
+    value is flattened, ``{"train": {"max_steps": 10}}`` is the same). Keys are checked as
+    overrides' are; values are taken as given, not read as YAML text, so ``"1e-5"`` stays a
+    string and a float key refuses it, as the config's own field checks do."""
+    return _build(cls, flatten(dict(values)), coerce=False)
+
+
+def option_hint(cls: type, option: str, value: str) -> str:
+    """What to write instead of the command-line option ``--option value``, other trainers'
+    habit: the config key it names as ``key=value``, or what preftune has in its place."""
+    name = option.replace("-", "_")
+    leaves = [key for key, _, _ in _leaves(cls)]
+    named = [key for key in leaves if key.rsplit(".", 1)[-1] == name]
+    if name in leaves or len(named) == 1:
+        return f"use {name if name in leaves else named[0]}={value}"
+    key, note = FOREIGN_KEYS.get(name, ("", ""))
+    if key in leaves:
+        return note or f"use {key}={value}"
+    return "no such option; config keys are set as key=value (--help lists them)"
 
 
 def given_keys(path: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -158,21 +249,39 @@ def _leaves(cls: type, prefix: str = ""):
             yield key, f, hints[f.name]
 
 
-def _build(cls: type[C], flat: dict[str, Any]) -> C:
+def _build(cls: type[C], flat: dict[str, Any], coerce: bool = True) -> C:
     """``cls`` from dotted keys: unknown keys are refused here, values by the configs' own
-    field checks as they are built."""
+    field checks as they are built; with ``coerce``, values read as YAML text are first
+    converted toward their fields' types (:func:`_coerce`). A mapping's entries arrive
+    flattened like sections' (``data.columns.prompt``, from a YAML mapping or given alone) and
+    are gathered again, later entries joining earlier ones."""
     leaves = {key: hint for key, _, hint in _leaves(cls)}
     sections = {key.rsplit(".", 1)[0] for key in leaves if "." in key}
+    mappings = {key: kind for key, hint in leaves.items() if (kind := _mapped_type(hint))}
     values: dict[str, Any] = {}
     for key, value in flat.items():
         if key in sections and key in SHORTHANDS:
             key = f"{key}.{SHORTHANDS[key]}"
+        parent, _, entry = key.rpartition(".")
+        if key not in leaves and parent in mappings:
+            if not isinstance(values.get(parent), dict):
+                values[parent] = {}
+            values[parent][entry] = _coerce(key, value, mappings[parent]) if coerce else value
+            continue
         if key not in leaves:
-            close = difflib.get_close_matches(key, [*leaves, *sections], n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}")
-        values[key] = _coerce(key, value, leaves[key])
+            raise ConfigError(f"unknown config key '{key}'{_hint(key, [*leaves, *sections])}")
+        values[key] = _coerce(key, value, leaves[key]) if coerce else value
     return _instantiate(cls, values, "")
+
+
+def _hint(key: str, known: list[str]) -> str:
+    """The hint after an unknown key: what another trainer's key of that name is here
+    (:data:`FOREIGN_KEYS`), else the nearest known spelling, if any is near."""
+    target, note = FOREIGN_KEYS.get(key.rsplit(".", 1)[-1], ("", ""))
+    if target in known:
+        return f"; {note}" if note else f"; did you mean '{target}'?"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _instantiate(cls: type[C], values: dict[str, Any], prefix: str) -> C:
@@ -187,15 +296,25 @@ def _instantiate(cls: type[C], values: dict[str, Any], prefix: str) -> C:
     return cls(**kwargs)
 
 
+def _mapped_type(hint: Any) -> Any:
+    """The type of the values of the mapping a field takes (``dict[str, X]``: X), None when it
+    takes no mapping."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    mapping = next((kind for kind in kinds if typing.get_origin(kind) is dict), None)
+    return None if mapping is None else typing.get_args(mapping)[1]
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """``value`` as YAML read it, converted toward the field's type: a number YAML read as text
     (``1e-5`` has no dot, ``nan`` no leading one) for a float, a number for a string, one item
-    for a list. What cannot be converted is left as it is, for the field check to refuse."""
+    for a list (whether or not it may also be null). What cannot be converted is left as it is,
+    for the field check to refuse."""
     if value is None:
         return None
     kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     listed = next((kind for kind in kinds if typing.get_origin(kind) is list), None)
-    if listed is not None and (isinstance(value, list) or len(kinds) == 1):
+    others = [kind for kind in kinds if kind is not type(None)]
+    if listed is not None and (isinstance(value, list) or len(others) == 1):
         items = value if isinstance(value, list) else [value]
         if not items:
             raise ConfigError(f"config key '{key}' needs at least one value")

@@ -106,11 +106,11 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def _settled(value: Any, hint: Any) -> Any:
-    if typing.get_origin(hint) is list:
-        (item_hint,) = typing.get_args(hint)
+    kinds = [kind for kind in _kinds(hint) if kind is not type(None)]
+    if len(kinds) == 1 and typing.get_origin(kinds[0]) is list:
+        (item_hint,) = typing.get_args(kinds[0])
         items = [value] if isinstance(value, (str, int, float)) else value
         return [_settled(item, item_hint) for item in items] if isinstance(items, list) else items
-    kinds = _kinds(hint)
     if float in kinds and int not in kinds and _is_number(value):
         return float(value)
     return value
@@ -122,6 +122,11 @@ def _conforms(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) is list:
         (item_hint,) = typing.get_args(hint)
         return isinstance(value, list) and all(_conforms(item, item_hint) for item in value)
+    if typing.get_origin(hint) is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _conforms(key, key_hint) and _conforms(item, value_hint) for key, item in value.items()
+        )
     if hint is type(None):
         return value is None
     if hint in (int, float):
@@ -134,6 +139,9 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(kind) for kind in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"list of {_type_name(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        return f"mapping of {_type_name(key_hint)} to {_type_name(value_hint)}"
     return "null" if hint is type(None) else hint.__name__
 
 

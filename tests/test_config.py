@@ -26,6 +26,7 @@ from preftune.errors import ConfigError
 from preftune.losses.settings import LossSettings
 from preftune.models.settings import LoraSettings
 from preftune.train.settings import TrainSettings
+from tests.conftest import SAMPLE_TRAIN
 
 
 def test_overrides_need_no_config_file() -> None:
@@ -92,7 +93,7 @@ def test_flex_attention_on_a_cpu_is_refused_before_any_work(tmp_path: Path) -> N
         None,
         [
             "model.attn_implementation=flex_attention",
-            "data.train=nowhere.jsonl",
+            f"data.train={SAMPLE_TRAIN}",
             f"output_dir={out}",
         ],
     )
@@ -167,7 +168,7 @@ def test_every_field_is_checked_when_built_from_python(owner: type, name: str) -
     """A section does not know where it sits, yet its messages name the full dotted key."""
     key, hint = DECLARED[(owner, name)]
     with pytest.raises(ConfigError, match=rf"^config key '{re.escape(key)}' must be "):
-        owner(**{name: {"not": "a value"}})
+        owner(**{name: {"not": ["a value"]}})  # a mapping of lists: no field's type
     if is_numeric(hint):
         with pytest.raises(ConfigError, match=refusal(key, hint, "nan")):
             owner(**{name: math.nan})
@@ -305,8 +306,8 @@ def test_self_referring_alias_is_refused() -> None:
 
 def test_a_few_aliases_are_read_as_usual(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text("data:\n  train: &pairs p.jsonl\n  eval: *pairs\n")
-    assert load_config(DPOConfig, str(path)).data.eval == "p.jsonl"
+    path.write_text("data:\n  train: &pairs org/pairs\n  eval: *pairs\n")
+    assert load_config(DPOConfig, str(path)).data.eval == "org/pairs"
 
 
 @pytest.mark.parametrize(

@@ -407,6 +407,7 @@ def test_two_processes_share_the_kl_estimate_and_count_every_example(tmp_path: P
         f"data.train={SAMPLE_KTO}",
         f"data.eval={uneven}",
         "data.max_length=48",
+        "data.max_prompt_length=47",
         "train.batch_size=8",
         "train.micro_batch_size=2",
         "train.max_steps=2",
@@ -429,6 +430,7 @@ def test_lora_uses_the_base_model_as_reference(tmp_path: Path) -> None:
     overrides = [
         f"data.train={SAMPLE_KTO}",
         "data.max_length=48",
+        "data.max_prompt_length=47",
         "train.batch_size=8",
         "train.max_steps=2",
         "train.learning_rate=1e-2",

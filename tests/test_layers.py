@@ -3,7 +3,7 @@
 Every ``import`` in every module counts, at the top or inside a function, so a cycle cannot hide
 behind a local import. The layers, top to bottom (docs/architecture.md):
 
-    cli            the command line
+    cli, api       the command line; the Python API
     commands       one module per command; the shared wiring
     train, demo    the loop and what it needs; the demo's corpus, judge and report
     objectives     batch -> (loss, metrics)
@@ -26,7 +26,7 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "preftune"
 # Top to bottom; a module may import from its own layer and every layer below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("preftune.cli", "preftune.__main__"),
+    ("preftune.cli", "preftune.__main__", "preftune.api"),
     ("preftune.commands",),
     ("preftune.train", "preftune.demo"),
     ("preftune.objectives",),

@@ -181,6 +181,7 @@ def test_dpo_on_ranked_rows_end_to_end(tmp_path: Path) -> None:
         "dpo",
         f"data.train={SAMPLE_RANKED}",
         "data.max_length=40",
+        "data.max_prompt_length=39",
         "train.batch_size=8",
         "train.max_steps=3",
         "train.learning_rate=1e-3",

@@ -225,6 +225,7 @@ def test_rm_then_score_end_to_end(tmp_path: Path) -> None:
         f"data.train={SAMPLE_TRAIN}",
         f"data.eval={SAMPLE_EVAL}",
         "data.max_length=48",
+        "data.max_prompt_length=47",
         "train.batch_size=8",
         "train.max_steps=16",
         "train.learning_rate=1e-3",

@@ -37,6 +37,7 @@ def spin_config(tmp_path: Path, *extra: str) -> SPINConfig:
     overrides = [
         f"data.train={sums_data(tmp_path)}",
         "data.max_length=32",
+        "data.max_prompt_length=31",
         "spin.iterations=2",
         "spin.max_new_tokens=6",
         "train.batch_size=8",
@@ -236,6 +237,7 @@ def test_cli_runs_two_iterations_on_the_tiny_model(tmp_path: Path) -> None:
         "spin.iterations=2",
         "spin.max_new_tokens=8",
         "data.max_length=64",
+        "data.max_prompt_length=63",
         "train.batch_size=16",
         "train.max_steps=2",
         f"output_dir={out}",

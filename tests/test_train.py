@@ -158,6 +158,7 @@ def test_sft_lowers_completion_loss(tmp_path: Path) -> None:
         [
             f"data.train={SAMPLE_SFT}",
             "data.max_length=48",
+            "data.max_prompt_length=47",
             "train.batch_size=16",
             "train.max_steps=20",
             "train.learning_rate=3e-3",

@@ -1,89 +1,68 @@
-"""What every training command shares: the keys of a run, the accelerator, the model to load,
-and training then saving (the datasets: :mod:`preftune.commands.datasets`)."""
+"""What every training command shares: how it reports, the accelerator, the model to load, and
+training then saving (the keys of a run: :mod:`preftune.commands.configs`; the datasets:
+:mod:`preftune.commands.datasets`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import huggingface_hub
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
+from preftune import progress
+from preftune.commands.configs import RunConfig
 from preftune.config import flatten, to_dict
 from preftune.data.digest import examples_digest
-from preftune.data.settings import DataSettings
 from preftune.errors import ConfigError, PreftuneError, TrainingError
-from preftune.fields import check_fields, option
 from preftune.files import write_text_atomically
 from preftune.models.load import ModelSpec, load_model, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora, save_merged
-from preftune.models.settings import LoraSettings, ModelSettings
 from preftune.objectives.base import Objective
 from preftune.shares import decide_on_main
 from preftune.train import state
 from preftune.train.card import write_model_card
 from preftune.train.checkpoint import ResumePoint
 from preftune.train.loop import Run, train
+from preftune.train.metrics_log import summary_line
 from preftune.train.plots import plot_metrics
 from preftune.train.resume import find_resume_point, run_identity
 from preftune.train.run_dir import mark
-from preftune.train.settings import TrainSettings
+from preftune.train.settings import LogSettings
 from preftune.train.sources import BatchSource, ExampleBatches
 
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+NATIVE_CPU_FLAGS = {
+    "bfloat16": ("avx512_bf16", "amx_bf16", "bf16"),
+    "float16": ("avx512_fp16", "amx_fp16", "fphp"),
+}
+"""The CPU flags (x86's AVX-512 and AMX, Arm's) of native bf16 and fp16 arithmetic: without one,
+PyTorch emulates the type, hundreds of times slower than float32 (see ``resolve_dtype``)."""
 
 
-@dataclass
-class RunConfig:
-    """The keys every training command takes; each command's config adds its own sections."""
-
-    # NumPy takes seeds below 2**32, and runs add small offsets (SPIN: seed + iteration).
-    seed: int = option(
-        42, "seed for model init (tiny), data order and sampling", at_least=0, at_most=2**31 - 1
-    )
-    output_dir: str = option("runs/preftune", "where the model, checkpoints and metrics go")
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.model.quantization != "none" and self.lora.r == 0:
-            raise ConfigError(
-                f"model.quantization={self.model.quantization} trains LoRA adapters on the "
-                "quantized weights: set lora.r (e.g. lora.r=16)"
-            )
-        if self.model.quantization != "none" and self.train.distributed == "fsdp2":
-            raise ConfigError(
-                "model.quantization does not shard: use train.distributed=ddp with quantized "
-                "weights"
-            )
-        if self.lora.r > 0 and self.lora.dropout > 0 and self.model.disable_dropout:
-            raise ConfigError(
-                f"lora.dropout={self.lora.dropout} has no effect with model.disable_dropout=true, "
-                "which trains the whole model, adapters included, without dropout: set "
-                "lora.dropout=0, or model.disable_dropout=false"
-            )
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command of the command line: its name, what it does in one line, the config class whose
-    keys it takes, and the function that runs it on such a config."""
-
-    name: str
-    summary: str
-    config: type
-    # A training command's runner takes the config alone; data check's also the paths and kind.
-    run: Callable[..., Any]
+def use_log_settings(settings: LogSettings) -> None:
+    """Put ``log.*`` in effect for the rest of the process (the command line's run: nothing is
+    restored): the format of preftune's own progress and, unless ``log.verbose``, transformers',
+    datasets' and huggingface_hub's progress bars ("Loading weights", "Writing model shards")
+    and their warnings and info messages silenced, so a log holds preftune's lines."""
+    progress.choose(settings.format)
+    if settings.verbose:
+        return
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -103,7 +82,36 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         )
     dtype = resolve_dtype(cfg.model.dtype, device)
     set_seed(cfg.seed)
-    return Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[str(dtype).removeprefix("torch.")])
+    name = str(dtype).removeprefix("torch.")
+    acc = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[name])
+    warning = slow_on_cpu(name) if device.type == "cpu" else None
+    if warning:
+        acc.print(warning)
+    return acc
+
+
+def slow_on_cpu(dtype: str) -> str | None:
+    """A one-line warning when this machine's CPU has no native ``dtype`` (its flags in
+    ``/proc/cpuinfo`` name none of :data:`NATIVE_CPU_FLAGS`); None for float32, for a CPU that
+    has it, and where the flags cannot be read (not Linux)."""
+    flags = cpu_flags()
+    if dtype not in NATIVE_CPU_FLAGS or flags is None or flags & set(NATIVE_CPU_FLAGS[dtype]):
+        return None
+    return (
+        f"warning: model.dtype={dtype} on a CPU without native {dtype} support (none of "
+        f"{', '.join(NATIVE_CPU_FLAGS[dtype])}): its matrix products run many times slower than "
+        "float32's; model.dtype=float32 is faster here"
+    )
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``), None where unreadable."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    named = [line.partition(":")[2] for line in lines if line.startswith(("flags", "Features"))]
+    return {flag for line in named for flag in line.split()} if named else None
 
 
 def model_spec(cfg: RunConfig, quantized: bool = True) -> ModelSpec:
@@ -126,10 +134,11 @@ def model_spec(cfg: RunConfig, quantized: bool = True) -> ModelSpec:
         quantization=m.quantization if quantized else "none",
         device=str(device),
         compute_dtype=resolve_dtype(m.dtype, device),
+        chat_template=m.chat_template,
     )
 
 
-def _rebuilt(cfg: RunConfig, command: str, tokenizer: PreTrainedTokenizerBase) -> Any:
+def rebuilt(cfg: RunConfig, command: str, tokenizer: PreTrainedTokenizerBase) -> Any:
     """The run's model as it was built before training, on the CPU: a frame to load trained
     weights into."""
     reward = command == "rm"
@@ -156,7 +165,8 @@ def train_and_save(
 ) -> dict[str, float]:
     """Train, then save the model, tokenizer and card to ``cfg.output_dir``; ``finish=False``
     leaves the accelerator's processes joined for another run. Batches come from ``source``,
-    else from ``train_set`` (:class:`~preftune.train.sources.ExampleBatches`).
+    else from ``train_set`` (:class:`~preftune.train.sources.ExampleBatches`). Once saved, the
+    run's summary is one INFO line of the ``preftune`` logger, from the main process.
 
     Before anything is written there, the run is compared with the newest intact checkpoint
     (config and training data) and refused in one line if it differs."""
@@ -197,6 +207,8 @@ def train_and_save(
             ) from None
 
     decide_on_main(acc, save)
+    if acc.is_main_process:
+        progress.logger.info(summary_line(run.totals, metrics, output_dir))
     acc.wait_for_everyone()
     if finish:
         finish_trackers(acc)
@@ -223,7 +235,9 @@ def _start(
     written."""
     output_dir = Path(cfg.output_dir)
     identity = run_identity(flatten(config), examples_digest(train_set))
-    resume = find_resume_point(output_dir, identity, cfg.train.allow_data_change, acc)
+    resume = find_resume_point(
+        output_dir, identity, cfg.train.allow_data_change, acc, default_keys(type(cfg))
+    )
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         mark(output_dir, command)
@@ -249,12 +263,12 @@ def _save_model(
     if is_lora(model):
         if gathered is not None:
             # Sharded: the adapters are merged into a whole copy of the model on the CPU.
-            whole = _rebuilt(cfg, command, tokenizer)
+            whole = rebuilt(cfg, command, tokenizer)
             whole.load_state_dict(gathered)
             model, gathered = whole, None
         elif cfg.model.quantization != "none":
             # The adapters go into the full-precision weights, not the quantized ones.
-            whole = _rebuilt(cfg, command, tokenizer)
+            whole = rebuilt(cfg, command, tokenizer)
             set_peft_model_state_dict(whole, get_peft_model_state_dict(model))
             model = whole
         if is_lora(model):
@@ -267,3 +281,12 @@ def _save_model(
         acc.print(f"no metrics.png: {missing}")
     write_model_card(output_dir, command, cfg.model.path, config, metrics)
     acc.print(f"saved the {command} model to {output_dir}")
+
+
+def default_keys(config_class: type) -> dict[str, Any]:
+    """The flattened default config of a command (empty if its defaults do not make a valid
+    config by themselves)."""
+    try:
+        return flatten(to_dict(config_class()))
+    except PreftuneError:
+        return {}

@@ -6,30 +6,32 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from preftune.commands.common import Command, RunConfig, model_spec
+from preftune.commands import Command
+from preftune.commands.common import model_spec
+from preftune.commands.configs import RunConfig
 from preftune.config import given_keys, load_config
 from preftune.data.check import check_dataset
+from preftune.data.mixture import source_list
 from preftune.errors import ConfigError
 from preftune.models.load import load_tokenizer
 
-SUMMARY = "read datasets exactly as training would: every bad row, token lengths, duplicates"
-
 
 def run_data_check(cfg: RunConfig, specs: Sequence[str], kind: str) -> int:
-    """Read each dataset as training would (``specs``, else ``data.train`` and ``data.eval``),
-    print a summary of each on stdout and each problem as one line on stderr. Returns the exit
-    status: 0 when no problem was found, 1 otherwise."""
+    """Read each dataset as training would (``specs``, else every source of ``data.train`` and
+    ``data.eval``), its columns renamed as ``data.columns`` says, print a summary of each on
+    stdout and each problem as one line on stderr. Returns the exit status: 0 when no problem
+    was found, 1 otherwise."""
     sources = [(spec, "train") for spec in specs]
     if not sources:
-        configured = [(cfg.data.train, "train"), (cfg.data.eval, "test")]
-        sources = [(spec, split) for spec, split in configured if spec is not None]
+        sources = [(spec, "train") for spec in source_list(cfg.data.train)]
+        sources += [(spec, "test") for spec in source_list(cfg.data.eval)]
     if not sources:
         raise ConfigError("nothing to check: name a dataset, or set data.train")
     budget = cfg.data.budget()
     tokenizer = load_tokenizer(model_spec(cfg))
     found = 0
     for spec, split in sources:
-        result = check_dataset(spec, split, kind, tokenizer, budget)
+        result = check_dataset(spec, split, kind, tokenizer, budget, cfg.data.columns)
         if result.summary:
             print("\n".join(result.summary), flush=True)
         for problem in result.problems:
@@ -49,6 +51,3 @@ def training_config(
         if sections <= {f.name for f in dataclasses.fields(command.config)}:
             return load_config(command.config, path, overrides)
     return load_config(commands[0].config, path, overrides)
-
-
-COMMAND = Command("data check", SUMMARY, RunConfig, run_data_check)

@@ -1,5 +1,6 @@
-"""The datasets of a training command: read, checked, tokenized, reported, and kept in the
-examples cache when they are large."""
+"""The datasets of a training command: read (their columns renamed as ``data.columns`` says),
+checked, tokenized, reported, kept in the examples cache when they are large, and mixed when
+``data.train`` is a list (:mod:`preftune.data.mixture`)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
 from preftune.commands.common import (
-    RunConfig,
     make_accelerator,
     maybe_lora,
     model_spec,
     train_and_save,
 )
+from preftune.commands.configs import RunConfig
 from preftune.data.cache import Stored, cacheable, stored
 from preftune.data.check import describe_skipped
 from preftune.data.chunked import Recipe
 from preftune.data.encode import Budget, TruncationReport
+from preftune.data.mixture import Mixture, mixed, source_list
+from preftune.data.sources import Columns
 from preftune.data.streamed import ROW_READERS
 from preftune.errors import ConfigError, DataError, PreftuneError
 from preftune.models.load import load_model, load_tokenizer
@@ -38,10 +41,10 @@ Example = TypeVar("Example")
 
 class Load(Protocol[Records_co]):
     """A reader of :mod:`preftune.data.readers` (``load_pairs``, …): a dataset's records and
-    its layout."""
+    its layout, its columns renamed."""
 
     def __call__(
-        self, spec: str, split: str, skipped: list[DataError] | None, /
+        self, spec: str, split: str, skipped: list[DataError] | None, columns: Columns | None, /
     ) -> tuple[Records_co, str]: ...
 
 
@@ -68,41 +71,62 @@ def train_and_eval_sets(
     load: Load[Records],
     encode: Encode[Records, Example],
 ) -> tuple[Sequence[Example], Sequence[Example] | None]:
-    """``data.train`` and ``data.eval`` (None when unset), each read with ``load`` and encoded
-    with ``encode`` (:func:`encoded_dataset`)."""
-    train_set = encoded_dataset(cfg, tokenizer, cfg.data.train, "train", acc, load, encode)
+    """``data.train`` and ``data.eval`` (None when unset), each source read with ``load`` and
+    encoded with ``encode`` (:func:`encoded_dataset`); the sources of a list are mixed as
+    ``data.weights`` says (the eval sources concatenated) and the mixture described in a line."""
+    train_set = _encoded_sources(cfg, tokenizer, "train", acc, load, encode)
     if train_set is None:
         raise ConfigError("data.train is required: a data file, directory or hub dataset")
-    eval_set = encoded_dataset(cfg, tokenizer, cfg.data.eval, "test", acc, load, encode)
+    eval_set = _encoded_sources(cfg, tokenizer, "eval", acc, load, encode)
     return train_set, eval_set
+
+
+def _encoded_sources(
+    cfg: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    key: str,
+    acc: Accelerator,
+    load: Load[Records],
+    encode: Encode[Records, Example],
+) -> Sequence[Example] | None:
+    """The examples of ``data.<key>`` (``train`` or ``eval``): its one source's, or its
+    sources' mixed (:func:`~preftune.data.mixture.mixed`); None when it is unset."""
+    names = source_list(cfg.data.train if key == "train" else cfg.data.eval)
+    if not names:
+        return None
+    split, weights = ("train", cfg.data.weights) if key == "train" else ("test", None)
+    parts = [encoded_dataset(cfg, tokenizer, name, split, acc, load, encode) for name in names]
+    examples = mixed(parts, weights, cfg.seed)
+    if isinstance(examples, Mixture):
+        acc.print(examples.describe(f"data.{key}", names))
+    return examples
 
 
 def encoded_dataset(
     cfg: RunConfig,
     tokenizer: PreTrainedTokenizerBase,
-    source: str | None,
+    source: str,
     split: str,
     acc: Accelerator,
     load: Load[Records],
     encode: Encode[Records, Example],
-) -> Sequence[Example] | None:
-    """Read, validate and tokenize one dataset (None when ``source`` is), reporting what
-    truncation did to it and, with ``data.on_error=skip``, which malformed rows were left out
-    and why.
+) -> Sequence[Example]:
+    """Read (its columns renamed as ``data.columns`` says), validate and tokenize one dataset,
+    reporting what truncation did to it and, with ``data.on_error=skip``, which malformed rows
+    were left out and why.
 
     A local source of ``preftune.data.cache.MIN_BYTES`` or more is read once, by the main
     process, into the examples cache, which every process then maps from disk
     (:func:`_cached_examples`); a smaller one is read into memory by each process."""
-    if source is None:
-        return None
+    columns = cfg.data.columns
     read = ROW_READERS.get(load)
     if read is not None and cacheable(source, tokenizer):
-        recipe = Recipe(read, encode, tokenizer, cfg.data.budget())
+        recipe = Recipe(read, encode, tokenizer, cfg.data.budget(), columns)
         found = _cached_examples(cfg, source, split, acc, recipe)
         _describe(acc, source, found.layout, found.report, found.skipped_errors())
         return found.examples()
     skipped: list[DataError] | None = [] if cfg.data.on_error == "skip" else None
-    records, layout = load(source, split, skipped)
+    records, layout = load(source, split, skipped, columns)
     examples, report = encode(records, tokenizer, cfg.data.budget(), source=source, skipped=skipped)
     _describe(acc, source, layout, report, skipped or [])
     return examples

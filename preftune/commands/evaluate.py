@@ -12,55 +12,21 @@ goes to ``eval_samples.jsonl``, the summary to ``eval_summary.json``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from preftune import winrate
-from preftune.commands.common import Command, make_accelerator, model_spec
+from preftune.commands.common import make_accelerator, model_spec
+from preftune.commands.configs import EVAL_SAMPLES as SAMPLES
+from preftune.commands.configs import EVAL_SUMMARY as SUMMARY
+from preftune.commands.configs import EvalConfig
 from preftune.commands.rl import load_prompts
-from preftune.data.settings import DataSettings
 from preftune.errors import ConfigError
-from preftune.fields import check_fields, option
 from preftune.files import write_text_atomically
 from preftune.models.generate import Sampling, generate_ids
 from preftune.models.load import ModelSpec, load_model, load_tokenizer
-from preftune.models.settings import ModelSettings
-from preftune.train.judges import Judge, JudgeSettings, load_judge
-from preftune.train.rollout_settings import GenerationSettings
+from preftune.train.judges import Judge, load_judge
 from preftune.train.rollouts import EncodedPrompt
-
-SAMPLES = "eval_samples.jsonl"
-SUMMARY = "eval_summary.json"
-
-
-@dataclass
-class EvalSettings:
-    baseline: str = option(
-        "data",
-        "what the policy is compared with: data (each row's own response, a pair's chosen one) "
-        "or a model directory or hub id, sampled as the policy is",
-    )
-    max_prompts: int = option(
-        0, "judge the first this many prompts of data.eval (0: all)", at_least=0
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self, "eval")
-
-
-@dataclass
-class EvalConfig:
-    seed: int = option(42, "seed of sampling and of the bootstrap", at_least=0, at_most=2**31 - 1)
-    output_dir: str = option("runs/preftune-eval", f"where {SAMPLES} and {SUMMARY} are written")
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    judge: JudgeSettings = field(default_factory=JudgeSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, float]:
@@ -150,12 +116,3 @@ def judged(
         )
     ]
     return result, verdicts.position_bias, records
-
-
-COMMAND = Command(
-    "eval",
-    "win rate of a policy against a baseline (the data's responses or another model) on "
-    "held-out prompts under a judge, with its 95% interval and a length-controlled rate",
-    EvalConfig,
-    run_eval,
-)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from preftune.commands.common import (
-    Command,
-    RunConfig,
     make_accelerator,
     maybe_lora,
     model_spec,
     train_and_save,
 )
+from preftune.commands.configs import KTOConfig
 from preftune.commands.datasets import train_and_eval_sets
 from preftune.data.encode import encode_rated, label_counts
 from preftune.data.readers import load_rated
@@ -19,15 +16,9 @@ from preftune.models.load import load_model, load_tokenizer
 from preftune.models.lora import is_lora
 from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.objectives.kto import KTOObjective, balance_warning
-from preftune.objectives.settings import KTOSettings
 from preftune.train import placement
 from preftune.train.run_dir import claimed
 from preftune.train.sources import micro_batch_size
-
-
-@dataclass
-class KTOConfig(RunConfig):
-    kto: KTOSettings = field(default_factory=KTOSettings)
 
 
 def run_kto(cfg: KTOConfig) -> dict[str, float]:
@@ -58,8 +49,3 @@ def run_kto(cfg: KTOConfig) -> dict[str, float]:
         model = placement.shard(model, acc, cfg.train)
         objective = KTOObjective(cfg.kto, reference, tokenizer.pad_token_id)
         return train_and_save(cfg, "kto", acc, model, tokenizer, objective, train_set, eval_set)
-
-
-COMMAND = Command(
-    "kto", "align a model to completions judged desirable or not (KTO)", KTOConfig, run_kto
-)

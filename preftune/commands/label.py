@@ -13,60 +13,28 @@ tie. A prompt given as messages gets its completions as assistant messages.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
 
-from preftune.commands.common import Command, RunConfig, make_accelerator, model_spec
+from preftune.commands.common import make_accelerator, model_spec
+from preftune.commands.configs import LabelConfig, RunConfig
 from preftune.commands.rl import load_prompts
 from preftune.data.check import describe_skipped
 from preftune.data.readers import records_from_rows
 from preftune.data.records import Text
 from preftune.data.rows import RowChecker, has_field
-from preftune.data.settings import DataSettings
 from preftune.data.sources import Rows, keep_or_raise, read_rows
 from preftune.errors import ConfigError, DataError
-from preftune.fields import check_fields, option
 from preftune.files import replaced_atomically
 from preftune.models.generate import Sampling, generate_ids
 from preftune.models.load import load_model, load_tokenizer
-from preftune.models.settings import ModelSettings
-from preftune.train.judges import Group, JudgeSettings, load_judge
-from preftune.train.rollout_settings import GenerationSettings
+from preftune.train.judges import Group, load_judge
+from preftune.train.online import form_pairs
 
 PAIRINGS = ("best_worst", "all", "ranked")
-
-
-@dataclass
-class LabelSettings:
-    k: int = option(2, "completions sampled per prompt", at_least=2)
-    pairs: str = option(
-        "best_worst",
-        "rows written per prompt: best_worst (its best and worst completion) | all (every two) | "
-        "ranked (one ranked row: responses and the judge's scores)",
-        PAIRINGS,
-    )
-    output: str | None = option(None, "the JSONL file written (required)")
-    seed: int = option(
-        42, "seed for sampling (and the tiny preset's weights)", at_least=0, at_most=2**31 - 1
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self, "label")
-
-
-@dataclass
-class LabelConfig:
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    judge: JudgeSettings = field(default_factory=JudgeSettings)
-    label: LabelSettings = field(default_factory=LabelSettings)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 @dataclass
@@ -89,7 +57,7 @@ def run_label(cfg: LabelConfig) -> dict[str, float]:
     judge = load_judge(cfg.judge, acc.device)
     source = str(cfg.data.train)
     skipped: list[DataError] | None = [] if cfg.data.on_error == "skip" else None
-    rows = read_rows(source, "train", skipped)
+    rows = read_rows(source, "train", skipped, cfg.data.columns)
     given = any(has_field(row, "responses") for _, row in rows)
     if given:
         prompts = _given(source, rows, skipped)
@@ -147,6 +115,8 @@ def _check(cfg: LabelConfig) -> Path:
         raise ConfigError("judge.spec is required: rm:DIR, function:module:callable or llm:MODEL")
     if cfg.data.train is None:
         raise ConfigError("data.train is required: prompts, or prompts with their responses")
+    if isinstance(cfg.data.train, list):
+        raise ConfigError("preftune label reads one data.train source, not a list: label each")
     if cfg.data.eval is not None:
         raise ConfigError("preftune label reads data.train alone: unset data.eval")
     if cfg.generation.backend == "vllm":
@@ -208,25 +178,17 @@ def _rows(
         responses = [_response(prompt, text) for text in completions]
         return [{"prompt": prompt, "responses": responses, "scores": strengths}], 0
     count = len(completions)
-    if pairs == "best_worst":
-        candidates = [(strengths.index(max(strengths)), strengths.index(min(strengths)))]
-    else:
-        candidates = [(i, j) for i in range(count) for j in range(i + 1, count)]
-    written = []
-    for i, j in candidates:
-        if i == j or group.probs[i][j] == 0.5:
-            continue
-        # Oriented by the pair's own verdict, which an llm judge need not make transitive.
-        chosen, rejected = (i, j) if group.probs[i][j] > 0.5 else (j, i)
-        written.append(
-            {
-                "prompt": prompt,
-                "chosen": _response(prompt, completions[chosen]),
-                "rejected": _response(prompt, completions[rejected]),
-                "chosen_probability": group.probs[chosen][rejected],
-            }
-        )
-    return written, len(candidates) - len(written)
+    candidates = 1 if pairs == "best_worst" else count * (count - 1) // 2
+    written = [
+        {
+            "prompt": prompt,
+            "chosen": _response(prompt, completions[chosen]),
+            "rejected": _response(prompt, completions[rejected]),
+            "chosen_probability": probability,
+        }
+        for chosen, rejected, probability in form_pairs(group, pairs)
+    ]
+    return written, candidates - len(written)
 
 
 def _response(prompt: Text, text: str) -> Text:
@@ -244,12 +206,3 @@ def _summary(counts: dict[str, int], how: str, output: Path, disagree: list[bool
         share = sum(disagree) / len(disagree)
         line += f"; position bias: the two orders disagreed on {share:.1%} of {len(disagree)} pairs"
     return line
-
-
-COMMAND = Command(
-    "label",
-    "offline RLAIF: sample completions of prompts, judge them, and write preference pairs with "
-    "the judge's probabilities (or ranked rows)",
-    LabelConfig,
-    run_label,
-)

@@ -4,38 +4,24 @@ from the policy as it is, a judge (``judge.spec``) compares them, and a paired l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from preftune.commands.common import (
-    Command,
-    RunConfig,
     make_accelerator,
     maybe_lora,
     model_spec,
     train_and_save,
 )
+from preftune.commands.configs import OnlineConfig
 from preftune.commands.rl import check_rollout_run, load_prompts, rollout_reference
 from preftune.errors import ConfigError
-from preftune.losses.settings import LossSettings
 from preftune.models.load import load_model, load_tokenizer
 from preftune.objectives.dpo import PairedObjective
 from preftune.objectives.online import OnlineObjective
-from preftune.objectives.settings import OnlineSettings, SpeedSettings
 from preftune.objectives.speed import choose_scoring
-from preftune.train.judges import JudgeSettings, load_judge
+from preftune.train.judges import load_judge
 from preftune.train.online import OnlinePairs
-from preftune.train.rollout_settings import GenerationSettings, RewardSettings
+from preftune.train.rollout_settings import RewardSettings
 from preftune.train.rollouts import Scoring
 from preftune.train.run_dir import claimed
-
-
-@dataclass
-class OnlineConfig(RunConfig):
-    loss: LossSettings = field(default_factory=LossSettings)
-    speed: SpeedSettings = field(default_factory=SpeedSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    judge: JudgeSettings = field(default_factory=JudgeSettings)
-    online: OnlineSettings = field(default_factory=OnlineSettings)
 
 
 def unjudged(prompts: list[str], completions: list[str]) -> list[float]:
@@ -78,12 +64,3 @@ def run_online(cfg: OnlineConfig) -> dict[str, float]:
         return train_and_save(
             cfg, "online", acc, model, tokenizer, objective, prompts, None, source=source
         )
-
-
-COMMAND = Command(
-    "online",
-    "online DPO: sample pairs from the policy as it trains, judged by a reward model, a "
-    "function or a language model, and train on them with a paired loss",
-    OnlineConfig,
-    run_online,
-)

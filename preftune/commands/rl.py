@@ -4,7 +4,6 @@ KL penalty toward the starting policy, on rollouts sampled as training goes (RLH
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,21 +11,19 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
 from preftune.commands.common import (
-    Command,
-    RunConfig,
     make_accelerator,
     maybe_lora,
     model_spec,
     train_and_save,
 )
+from preftune.commands.configs import PPOConfig, RLOOConfig, RunConfig
 from preftune.commands.datasets import encoded_dataset
 from preftune.data.check import describe_skipped
 from preftune.data.encode import encode_demos, encode_pairs, encode_rated
+from preftune.data.mixture import Mixture, mixed, source_list
 from preftune.data.readers import load_demos, records_from_rows
-from preftune.data.settings import DataSettings
 from preftune.data.sources import Rows, read_rows
 from preftune.errors import ConfigError, DataError
-from preftune.fields import option
 from preftune.models.load import load_model, load_tokenizer
 from preftune.models.lora import apply_lora, is_lora
 from preftune.models.reference import AdapterDisabled, FrozenCopy
@@ -34,33 +31,10 @@ from preftune.models.rollout_logps import ValueModel, response_logps
 from preftune.objectives.policy_gradient import PolicyGradientObjective
 from preftune.objectives.settings import PPOSettings, RLOOSettings
 from preftune.train.rewards import load_reward
-from preftune.train.rollout_settings import GenerationSettings, RewardSettings
 from preftune.train.rollouts import EncodedPrompt, Rollouts, Scoring
 from preftune.train.run_dir import claimed
 
 ENCODERS: dict[str, Any] = {"pairs": encode_pairs, "sft": encode_demos, "unpaired": encode_rated}
-
-
-@dataclass
-class PPODataSettings(DataSettings):
-    ptx: str | None = option(
-        None, "demonstrations (prompt/completion or messages rows) for ppo.ptx_coef's term"
-    )
-
-
-@dataclass
-class PPOConfig(RunConfig):
-    data: PPODataSettings = field(default_factory=PPODataSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    reward: RewardSettings = field(default_factory=RewardSettings)
-    ppo: PPOSettings = field(default_factory=PPOSettings)
-
-
-@dataclass
-class RLOOConfig(RunConfig):
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    reward: RewardSettings = field(default_factory=RewardSettings)
-    rloo: RLOOSettings = field(default_factory=RLOOSettings)
 
 
 def run_ppo(cfg: PPOConfig) -> dict[str, float]:
@@ -119,11 +93,6 @@ def rollout_reference(model: torch.nn.Module, device: torch.device) -> AdapterDi
 
 def _check(cfg: PPOConfig | RLOOConfig, name: str) -> None:
     cfg.reward.check()
-    if isinstance(cfg, PPOConfig) and (cfg.ppo.ptx_coef > 0) != (cfg.data.ptx is not None):
-        raise ConfigError(
-            "ppo.ptx_coef and data.ptx go together: set both (the pretraining term and its "
-            "demonstrations) or neither"
-        )
     check_rollout_run(cfg, name)
 
 
@@ -159,12 +128,25 @@ def load_prompts(
     prompt), or rows of any kind preftune trains on (pairs, demonstrations, judged
     completions), whose prompts are tokenized and fitted as training on them would, each with
     its row's response (the chosen one of a pair). A prompt keeps its last
-    ``data.max_prompt_length`` tokens."""
-    source = cfg.data.train if split == "train" else cfg.data.eval
-    if source is None:
+    ``data.max_prompt_length`` tokens. Columns are renamed as ``data.columns`` says; the prompts
+    of a list of sources are mixed as ``data.weights`` says (:mod:`preftune.data.mixture`; those
+    of ``data.eval`` concatenated)."""
+    names = source_list(cfg.data.train if split == "train" else cfg.data.eval)
+    if not names:
         raise ConfigError(f"data.{split} is required: rows with a prompt to sample from")
+    parts = [_source_prompts(cfg, tokenizer, acc, source, split) for source in names]
+    prompts = mixed(parts, cfg.data.weights if split == "train" else None, cfg.seed)
+    if isinstance(prompts, Mixture):
+        acc.print(prompts.describe(f"data.{split}", names))
+    return list(prompts)
+
+
+def _source_prompts(
+    cfg: Any, tokenizer: PreTrainedTokenizerBase, acc: Accelerator, source: str, split: str
+) -> list[EncodedPrompt]:
+    """The prompts of one source of :func:`load_prompts`."""
     skipped: list[DataError] | None = [] if cfg.data.on_error == "skip" else None
-    rows = read_rows(source, split, skipped)
+    rows = read_rows(source, split, skipped, cfg.data.columns)
     if rows and all(set(row) == {"prompt"} for _, row in rows):
         prompts = _bare_prompts(source, rows, tokenizer, cfg.data.max_prompt_length, skipped)
         what = "prompt rows"
@@ -225,17 +207,3 @@ def _bare_prompts(
         text = str(tokenizer.decode(ids, skip_special_tokens=True))
         prompts.append(EncodedPrompt(ids, text, number))
     return prompts
-
-
-PPO = Command(
-    "ppo",
-    "RLHF: optimise the policy against a reward with PPO, KL-penalised toward the start",
-    PPOConfig,
-    run_ppo,
-)
-RLOO = Command(
-    "rloo",
-    "optimise the policy against a reward with REINFORCE leave-one-out (k samples a prompt)",
-    RLOOConfig,
-    run_rloo,
-)

@@ -4,67 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from preftune.commands.common import Command
+from preftune.commands.configs import ScoreConfig, required
 from preftune.data.readers import records_from_rows
 from preftune.data.records import Demo, Pair, Ranked, Rated, Record, Text, preferences
 from preftune.data.sources import read_rows
-from preftune.errors import ConfigError
-from preftune.fields import check_fields, option
 from preftune.models.reward import RewardScorer
-
-
-@dataclass
-class ScoreModelSettings:
-    path: str | None = option(None, "the trained reward model: the output_dir of `preftune rm`")
-    trust_remote_code: bool = option(False, "allow model code shipped with a hub model to run")
-
-    def __post_init__(self) -> None:
-        check_fields(self, "model")
-
-
-@dataclass
-class ScoreSettings:
-    input: str | None = option(
-        None,
-        "rows to score: prompt/completion (or messages), pairs or ranked rows; same forms as "
-        "data.train",
-    )
-    output: str | None = option(None, "JSONL written: each input row with its score(s)")
-    batch_size: int = option(16, "sequences per forward pass", at_least=1)
-    max_length: int = option(
-        512, "longest prompt+response in tokens; longer responses are cut", at_least=1
-    )
-    max_prompt_length: int = option(
-        256, "longest prompt in tokens; below score.max_length", at_least=0
-    )
-    truncation: str = option(
-        "keep_end", "which part of a long prompt to keep", ("keep_end", "keep_start")
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self, "score")
-
-
-@dataclass
-class ScoreConfig:
-    model: ScoreModelSettings = field(default_factory=ScoreModelSettings)
-    score: ScoreSettings = field(default_factory=ScoreSettings)
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        required("model.path", self.model.path)
-        required("score.input", self.score.input)
-        required("score.output", self.score.output)
-
-
-def required(key: str, value: str | None) -> str:
-    """The value of ``key``, which has no default: refused while unset."""
-    if value is None:
-        raise ConfigError(f"{key} is required (preftune score --help lists the keys)")
-    return value
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, float]:
@@ -135,11 +81,3 @@ def fields(record: Record, scores: list[float]) -> dict[str, float | list[float]
     if isinstance(record, Pair):
         return {"score_chosen": scores[0], "score_rejected": scores[1]}
     return {"score_responses": scores}
-
-
-COMMAND = Command(
-    "score",
-    "score prompt/completion rows or pairs with a trained reward model",
-    ScoreConfig,
-    run_score,
-)

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from preftune.commands.common import Command, RunConfig
+from preftune.commands.configs import SFTConfig
 from preftune.commands.datasets import train_on_dataset
 from preftune.data.encode import encode_demos
 from preftune.data.readers import load_demos
 from preftune.objectives.sft import SFTObjective
 
 
-@dataclass
-class SFTConfig(RunConfig):
-    """``preftune sft``: the keys of every run, and no others."""
-
-
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
     return train_on_dataset(
         cfg, "sft", load_demos, encode_demos, lambda tokenizer: SFTObjective(tokenizer.pad_token_id)
     )
-
-
-COMMAND = Command(
-    "sft", "supervised fine-tuning on prompt/completion or messages rows", SFTConfig, run_sft
-)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +19,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from preftune.commands.common import (
-    Command,
-    RunConfig,
     finish_trackers,
     make_accelerator,
     model_spec,
     train_and_save,
 )
+from preftune.commands.configs import SPINConfig
 from preftune.commands.datasets import train_and_eval_sets
 from preftune.commands.dpo import setup_paired
 from preftune.config import to_dict
 from preftune.data.encode import encode_demos
 from preftune.data.readers import load_demos
-from preftune.errors import ConfigError
 from preftune.files import write_text_atomically
-from preftune.losses.settings import LossSettings
 from preftune.models.load import load_model, load_tokenizer
-from preftune.objectives.settings import SpeedSettings, SPINSettings
 from preftune.objectives.spin import generate_rejected, generation_rows, sampling, spin_pairs
 from preftune.train.card import write_model_card
 from preftune.train.checkpoint import latest_checkpoint
@@ -56,26 +52,9 @@ ITERATION_FILES = (
 )
 
 
-@dataclass
-class SPINConfig(RunConfig):
-    loss: LossSettings = field(default_factory=LossSettings)
-    speed: SpeedSettings = field(default_factory=SpeedSettings)
-    spin: SPINSettings = field(default_factory=SPINSettings)
-
-
 def run_spin(cfg: SPINConfig) -> list[dict[str, Any]]:
     """Run the iterations not finished earlier in ``cfg.output_dir``; returns one record per
     iteration: its pair counts and its final metrics."""
-    if cfg.train.distributed == "fsdp2":
-        raise ConfigError(
-            "preftune spin does not run under train.distributed=fsdp2 yet (each process "
-            "generates its own completions, which a sharded model cannot): use ddp"
-        )
-    if cfg.loss.soft_labels:
-        raise ConfigError(
-            "loss.soft_labels: spin's pairs (a demonstration and a sample) carry no "
-            "chosen_probability; unset it"
-        )
     acc = make_accelerator(cfg)
     with claimed(cfg.output_dir, acc):
         if acc.is_main_process:
@@ -214,11 +193,3 @@ def _save_final(cfg: SPINConfig, acc: Accelerator, records: list[dict[str, Any]]
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, text)
-
-
-COMMAND = Command(
-    "spin",
-    "self-play fine-tuning: SFT data against the model's own completions",
-    SPINConfig,
-    run_spin,
-)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from preftune.errors import ConfigError
 from preftune.fields import check_fields, option
-from preftune.losses import LOSS_NAMES, PAIRED_LOSSES, PairedLoss, combined_loss
+from preftune.losses.names import ALIASES, LOSS_NAMES, NOT_PAIRED, canonical
+
+if TYPE_CHECKING:
+    from preftune.losses import PairedLoss
 
 
 @dataclass
 class LossSettings:
     type: list[str] = option(
-        ["sigmoid"], f"paired loss, or a list of them to add up: {', '.join(LOSS_NAMES)}"
+        ["sigmoid"],
+        f"paired loss, or a list of them to add up: {', '.join(LOSS_NAMES)} (also "
+        f"{', '.join(f'{alias}: {name}' for alias, name in ALIASES.items())})",
     )
     # A negative weight would maximize its loss.
     weights: list[float] = option([], "weight of each loss in loss.type ([]: 1 each)", at_least=0)
@@ -48,6 +55,12 @@ class LossSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, "loss")
+        self.type = [canonical(name) for name in self.type]
+        for name in self.type:
+            _check_name(name)
+        # The registry loads the losses, and torch: only once the names are known to be right.
+        from preftune.losses import combined_loss
+
         try:
             spec = combined_loss(self.type, self.weights)
         except ValueError as error:
@@ -70,6 +83,8 @@ class LossSettings:
 
     def _check_soft_labels(self, spec: PairedLoss, named: str) -> None:
         """Soft labels are each pair's own label smoothing: refused where that has no meaning."""
+        from preftune.losses import PAIRED_LOSSES
+
         takers = ", ".join(name for name in LOSS_NAMES if PAIRED_LOSSES[name].soft_labels)
         if self.label_smoothing:
             raise ConfigError(
@@ -91,3 +106,14 @@ class LossSettings:
                 f"loss.soft_labels: {', '.join(quantiles)} compares sorted quantiles of the batch, "
                 f"not pairs, so a pair's own ε has nothing to apply to: use {takers}"
             )
+
+
+def _check_name(name: str) -> None:
+    """Refuse a name that is no paired loss, with where to go instead or the nearest name."""
+    if name in LOSS_NAMES:
+        return
+    if name in NOT_PAIRED:
+        raise ConfigError(f"loss.type={name}: {NOT_PAIRED[name]}")
+    close = difflib.get_close_matches(name, [*LOSS_NAMES, *ALIASES], n=1, cutoff=0.4)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"loss.type: '{name}' is not one of {', '.join(LOSS_NAMES)}{hint}")

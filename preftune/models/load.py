@@ -20,6 +20,8 @@ from transformers import (
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from preftune.errors import PreftuneError
+from preftune.files import is_checkpoint
+from preftune.models.chat_templates import with_chat_template
 from preftune.models.tiny import build_model, build_reward_model, build_tokenizer
 
 TINY = "tiny"
@@ -43,6 +45,9 @@ class ModelSpec:
     """Where quantized weights are placed as they load (unquantized models load on the CPU)."""
     compute_dtype: torch.dtype = torch.float32
     """What 4-bit weights are dequantized to for their matrix products."""
+    chat_template: str | None = None
+    """``model.chat_template``: the template set on the tokenizer in place of its own
+    (:mod:`preftune.models.chat_templates`); None keeps the tokenizer's."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -60,7 +65,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_tokenizer(spec: ModelSpec):
     if spec.path == TINY:
-        return build_tokenizer()
+        return with_chat_template(build_tokenizer(), spec.chat_template)
     _check_local_path(spec.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -70,7 +75,7 @@ def load_tokenizer(spec: ModelSpec):
         raise PreftuneError(f"cannot load tokenizer '{spec.path}': {_first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_chat_template(tokenizer, spec.chat_template)
 
 
 def load_model(spec: ModelSpec, tokenizer, reward: bool = False) -> PreTrainedModel:
@@ -179,9 +184,17 @@ def _checkpointed_forward(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> 
 
 
 def _check_local_path(path: str) -> None:
-    """A path that is plainly local must exist; anything else may be a hub id."""
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+    """A path that is plainly local must exist; anything else may be a hub id. A checkpoint
+    that is not a model directory by itself (LoRA adapters, shards: no ``config.json``) is
+    refused in one line that says how to make one of it."""
+    local = Path(path).expanduser()
+    if path.startswith(("/", "./", "../", "~")) and not local.is_dir():
         raise PreftuneError(f"model.path '{path}': no such directory")
+    if is_checkpoint(local) and not (local / "config.json").is_file():
+        raise PreftuneError(
+            f"model.path '{path}' is a preftune checkpoint of LoRA adapters or sharded weights, "
+            f"not a model directory: run `preftune export {path} OUT_DIR` and use OUT_DIR"
+        )
 
 
 def _first_line(error: BaseException) -> str:

@@ -20,7 +20,6 @@ others (:meth:`Judge.group`).
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +28,7 @@ from pathlib import Path
 import torch
 
 from preftune.errors import ConfigError, PreftuneError
-from preftune.fields import check_fields, option
-
-KINDS = ("rm", "function", "llm")
+from preftune.train.rollout_settings import JudgeSettings, check_judge_spec
 
 DEFAULT_TEMPLATE = (
     "Which response is the better reply to the prompt?\n\n"
@@ -42,25 +39,6 @@ DEFAULT_TEMPLATE = (
 )
 """The pairwise template of ``llm`` judges: ``{prompt}``, ``{a}`` and ``{b}`` are filled in, and
 the judge's next token after it is read as ``A`` or ``B``."""
-
-
-@dataclass
-class JudgeSettings:
-    spec: str | None = option(
-        None, "rm:DIR (a `preftune rm` model) | function:module:callable | llm:MODEL"
-    )
-    template: str | None = option(
-        None,
-        "llm judges: the pairwise template (a file, or the text itself) with {prompt}, {a} and "
-        "{b}, after which the next token is read as A or B (null: a built-in one)",
-    )
-    batch_size: int = option(8, "pairs (or completions) judged per forward pass", at_least=1)
-    max_length: int = option(
-        1024, "llm judges: longest rendered comparison in tokens (the start is cut)", at_least=8
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self, "judge")
 
 
 @dataclass
@@ -154,13 +132,8 @@ def load_judge(settings: JudgeSettings, device: torch.device | str = "cpu") -> J
     spec = settings.spec
     if not spec:
         raise ConfigError("judge.spec is required: rm:DIR, function:module:callable or llm:MODEL")
+    check_judge_spec(spec)
     kind, _, target = spec.partition(":")
-    if kind not in KINDS or not target:
-        near = difflib.get_close_matches(kind, KINDS, n=1)
-        hint = f" (did you mean {near[0]}:…?)" if near and kind not in KINDS else ""
-        raise ConfigError(
-            f"judge.spec={spec!r}: expected rm:DIR, function:module:callable or llm:MODEL{hint}"
-        )
     if kind == "function":
         from preftune.train.rewards import checked_function_scorer
 

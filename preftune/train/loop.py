@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGTERM
 from typing import Any
@@ -13,7 +13,15 @@ import torch
 from accelerate import Accelerator
 
 from preftune.errors import ConfigError, TrainingError
-from preftune.objectives.base import Batch, Metrics, Objective, OwnsModules, StepAware
+from preftune.objectives.base import (
+    AfterStep,
+    Batch,
+    KeepsState,
+    Metrics,
+    Objective,
+    OwnsModules,
+    StepAware,
+)
 from preftune.shares import decide_on_main, process_parts
 from preftune.train import placement, state
 from preftune.train.checkpoint import ResumePoint, newest_intact, remove_leftovers
@@ -26,7 +34,7 @@ from preftune.train.guard import (
     step_health,
 )
 from preftune.train.interrupt import Interrupted, StopRequest
-from preftune.train.metrics_log import MetricsLog
+from preftune.train.metrics_log import MetricsLog, Totals
 from preftune.train.optim import build_optimizer, build_scheduler
 from preftune.train.settings import TrainSettings
 from preftune.train.sources import BatchSource
@@ -51,12 +59,16 @@ class Run:
     resume: ResumePoint | None = None
     """The checkpoint to resume from, chosen and checked before anything was written."""
     tokenizer: Any = None
-    """The policy's tokenizer: for ``train.eval_samples``."""
+    """The policy's tokenizer: for ``train.eval_samples``, and saved in each checkpoint of whole
+    weights, which is then a model directory of its own."""
+    totals: Totals = field(default_factory=Totals)
+    """Steps, tokens and time, counted as the run trains: for its closing summary."""
 
 
 class Training:
     """The state the loop carries: the prepared modules (``model`` first, then any the objective
-    owns besides, each its own parameter group), optimizer and schedule, the metrics log."""
+    owns besides, each its own parameter group), the objective's untrained modules that its
+    checkpoints keep too (``kept``), optimizer and schedule, the metrics log."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -75,6 +87,13 @@ class Training:
                 f"train.distributed=fsdp2 does not shard the modules of objective "
                 f"'{objective.name}' ({', '.join(owned)}) yet: use train.distributed=ddp"
             )
+        self.kept = dict(objective.state_modules) if isinstance(objective, KeepsState) else {}
+        if self.kept and (sharded or placement.is_deepspeed(acc)):
+            raise ConfigError(
+                f"objective '{objective.name}' keeps weights of its own ({', '.join(self.kept)}) "
+                "that checkpoints of train.distributed=fsdp2 or DeepSpeed do not hold yet: use "
+                "train.distributed=ddp without DeepSpeed"
+            )
         if sharded:
             # A forward outside training (the reference pass) leaves the root's parameters
             # gathered; the optimizer must hold the sharded ones.
@@ -90,7 +109,7 @@ class Training:
             *prepared, self.optimizer = acc.prepare(*modules.values(), optimizer)
         self.modules = dict(zip(modules, prepared, strict=True))
         # Resumed once prepared: a DeepSpeed engine reads its own checkpoint files.
-        self.start = _resume(run, self.modules, self.optimizer, self.scheduler, self.steps)
+        self.start = _resume(run, self.checkpointed, self.optimizer, self.scheduler, self.steps)
         acc.print(f"{self.steps} steps of {source.describe()}")
         self.model = self.modules["model"]
         if owned and isinstance(objective, OwnsModules):
@@ -107,10 +126,16 @@ class Training:
             acc.is_main_process,
             run.objective.name,
             trackers,
+            run.totals,
         )
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.modules.values() for p in module.parameters()]
+
+    @property
+    def checkpointed(self) -> dict[str, torch.nn.Module]:
+        """What a checkpoint holds the weights of: the trained modules, then the kept ones."""
+        return {**self.modules, **self.kept}
 
     def save(self, step: int) -> None:
         run = self.run
@@ -120,11 +145,12 @@ class Training:
             run.accelerator,
             run.output_dir,
             step,
-            self.modules,
+            self.checkpointed,
             self.optimizer,
             self.scheduler,
             keep,
             identity,
+            run.tokenizer,
         )
 
 
@@ -157,6 +183,8 @@ def train(run: Run) -> dict[str, float]:
                     continue
                 if skip:
                     bad = BadStep(NON_FINITE_WEIGHTS, [])
+                if bad is None and isinstance(run.objective, AfterStep):
+                    run.objective.after_step(t.model, step)
                 stats["learning_rate"] = float(t.scheduler.get_last_lr()[0])
                 t.scheduler.step()
                 if step > replay_until:
@@ -233,7 +261,7 @@ def _undo(t: Training, step: int) -> int:
             f"undo it from; stopped without saving (train.learning_rate="
             f"{run.config.learning_rate:g}; train.save_every={run.config.save_every})"
         )
-    saved = state.load(acc, point.path, t.modules, t.optimizer, t.scheduler)
+    saved = state.load(acc, point.path, t.checkpointed, t.optimizer, t.scheduler)
     run.source.load_state_dict(saved.get("source", {}))
     restored = saved["step"]
     acc.print(

@@ -31,7 +31,7 @@ from preftune.objectives.base import Batch
 from preftune.objectives.settings import OnlineSettings, RolloutSettings
 from preftune.train.judges import Group, Judge
 from preftune.train.rollouts import Rollouts, Sample
-from preftune.train.sources import chunks, process_share
+from preftune.train.sources import batch_split, chunks, process_share
 
 
 @dataclass
@@ -45,7 +45,8 @@ class OnlinePair:
 def form_pairs(group: Group, mode: str) -> list[tuple[int, int, float]]:
     """(chosen, rejected, P(chosen ≻ rejected)) of a judged group: ``best_worst``, the
     completion ranked first against the one ranked last (by score, else by strength);
-    ``all``, every two the judge prefers one of. Ties give no pair."""
+    ``all``, every two the judge prefers one of, each oriented by its own verdict (an ``llm``
+    judge's need not be transitive). Ties give no pair."""
     if mode == "all":
         k = len(group.probs)
         pairs = []
@@ -118,12 +119,11 @@ class OnlinePairs(Rollouts):
         return f"round {rollout + 1}, pairs sampled for the prompts of data.train rows: {shown}"
 
     def describe(self) -> str:
-        accumulation = self.batch_size // (self.acc.num_processes * self.micro_batch_size)
+        split = batch_split(self.batch_size, self.acc.num_processes, self.micro_batch_size)
         return (
             f"rounds of {self.rollout_prompts} prompts x {self.k} samples, judged into pairs "
             f"({self.online.pairs}), each trained on for {self.online.round_steps} steps of "
-            f"{self.batch_size} pairs = {self.acc.num_processes} processes x {accumulation} "
-            f"micro-batches x {self.micro_batch_size}"
+            f"{self.batch_size} pairs = {split}"
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,8 +3,12 @@
 A run resumes from the newest intact checkpoint in its output directory (damaged ones are
 passed over, each named with its reason) only when that checkpoint was written by the same run:
 the same config, apart from keys that only change what is logged or kept, and the same training
-data, compared by the digest of its tokenized examples. The decision is made once, on the main
-process, before anything is written, and shared with every process.
+data, compared by the digest of its tokenized examples. A key the checkpoint does not record (one
+added to preftune after it was written) matches when the run leaves it at its default. A run may
+also be extended: with a larger ``train.max_steps`` (or ``train.epochs``) it goes on from its last
+checkpoint, its learning-rate schedule rebuilt for the new length from that step on, and says
+so. The decision is made once, on the main process, before anything is written, and shared with
+every process.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ RESUMABLE_CHANGES = (
     "train.allow_data_change",
     "train.fsdp_cpu_offload",
     "train.max_shard_size",
+    "log.format",
+    "log.verbose",
     "data.on_error",
     "speed.cache_dir",
     "speed.reference_batch_size",
 )
+EXTENDING = ("train.max_steps", "train.epochs")
+"""Keys that lengthen a run: resuming with new values goes on from the checkpoint."""
 
 
 def run_identity(config: dict[str, Any], data_digest: str) -> dict[str, Any]:
@@ -44,28 +52,49 @@ def run_identity(config: dict[str, Any], data_digest: str) -> dict[str, Any]:
 
 
 def find_resume_point(
-    output_dir: Path, identity: dict[str, Any], allow_data_change: bool, acc: Accelerator
+    output_dir: Path,
+    identity: dict[str, Any],
+    allow_data_change: bool,
+    acc: Accelerator,
+    defaults: dict[str, Any] | None = None,
 ) -> ResumePoint | None:
     """The checkpoint to resume from, None to start afresh; a one-line error on every process
-    when the newest intact checkpoint belongs to another run or none is intact."""
+    when the newest intact checkpoint belongs to another run or none is intact. ``defaults``:
+    the command's flattened default config, for keys older checkpoints do not record."""
 
     def decide() -> ResumePoint | None:
         point = newest_intact(output_dir)
         if point is not None:
             for note in point.passed_over:
                 acc.print(f"passed over damaged checkpoint {note}")
-            check_same_run(point, identity, allow_data_change, output_dir)
+            check_same_run(point, identity, allow_data_change, output_dir, defaults)
+            for key in EXTENDING:
+                before = point.state.get("config", {}).get(key)
+                if before is not None and before != identity["config"].get(key):
+                    acc.print(
+                        f"{key} was {before}, now {identity['config'][key]}: going on from "
+                        f"{point.path.name}, the learning-rate schedule rebuilt for the new length"
+                    )
         return point
 
     return decide_on_main(acc, decide)
 
 
 def check_same_run(
-    point: ResumePoint, identity: dict[str, Any], allow_data_change: bool, output_dir: Path
+    point: ResumePoint,
+    identity: dict[str, Any],
+    allow_data_change: bool,
+    output_dir: Path,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     saved, current = point.state.get("config", {}), identity["config"]
+    defaults = defaults or {}
     for key in sorted(saved.keys() | current.keys()):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+        if key in RESUMABLE_CHANGES or key in EXTENDING:
+            continue
+        if key not in saved and key in defaults and current.get(key) == defaults[key]:
+            continue  # a key newer than the checkpoint, left at its default
+        if saved.get(key) != current.get(key):
             raise ConfigError(
                 f"{output_dir} holds a checkpoint of a different run ({key} was "
                 f"{saved.get(key)!r}, now {current.get(key)!r}): resume with the same config or "

@@ -1,7 +1,9 @@
-"""Keys of rollouts: how completions are sampled (``generation.*``) and scored (``reward.*``)."""
+"""Keys of rollouts: how completions are sampled (``generation.*``), scored (``reward.*``) and
+judged against each other (``judge.*``; the judges: :mod:`preftune.train.judges`)."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from preftune.errors import ConfigError
@@ -55,3 +57,39 @@ class RewardSettings:
                 "set exactly one of reward.model (a `preftune rm` directory) and reward.function "
                 "(module:callable)"
             )
+
+
+JUDGE_KINDS = ("rm", "function", "llm")
+
+
+@dataclass
+class JudgeSettings:
+    spec: str | None = option(
+        None, "rm:DIR (a `preftune rm` model) | function:module:callable | llm:MODEL"
+    )
+    template: str | None = option(
+        None,
+        "llm judges: the pairwise template (a file, or the text itself) with {prompt}, {a} and "
+        "{b}, after which the next token is read as A or B (null: a built-in one)",
+    )
+    batch_size: int = option(8, "pairs (or completions) judged per forward pass", at_least=1)
+    max_length: int = option(
+        1024, "llm judges: longest rendered comparison in tokens (the start is cut)", at_least=8
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "judge")
+        if self.spec:
+            check_judge_spec(self.spec)
+
+
+def check_judge_spec(spec: str) -> None:
+    """Refuse a ``judge.spec`` of no known kind, or naming nothing, in one line: when the config
+    is built, before any model loads."""
+    kind, _, target = spec.partition(":")
+    if kind not in JUDGE_KINDS or not target:
+        near = difflib.get_close_matches(kind, JUDGE_KINDS, n=1)
+        hint = f" (did you mean {near[0]}:…?)" if near and kind not in JUDGE_KINDS else ""
+        raise ConfigError(
+            f"judge.spec={spec!r}: expected rm:DIR, function:module:callable or llm:MODEL{hint}"
+        )

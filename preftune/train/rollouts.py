@@ -39,7 +39,13 @@ from preftune.objectives.settings import PPOSettings, RolloutSettings
 from preftune.train.rewards import Reward
 from preftune.train.rollout_settings import GenerationSettings, RewardSettings
 from preftune.train.settings import TrainSettings
-from preftune.train.sources import StepSampler, chunks, micro_batch_size, process_share
+from preftune.train.sources import (
+    StepSampler,
+    batch_split,
+    chunks,
+    micro_batch_size,
+    process_share,
+)
 
 
 @dataclass(frozen=True)
@@ -180,12 +186,10 @@ class Rollouts:
         return f"rollout {rollout + 1}, samples of the prompts of data.train rows: {shown}"
 
     def describe(self) -> str:
-        accumulation = self.batch_size // (self.acc.num_processes * self.micro_batch_size)
+        split = batch_split(self.batch_size, self.acc.num_processes, self.micro_batch_size)
         return (
             f"rollouts of {self.rollout_prompts} prompts x {self.k} samples, each trained on "
-            f"for {self.rl.epochs} passes of {self.batch_size} samples = "
-            f"{self.acc.num_processes} processes x {accumulation} micro-batches x "
-            f"{self.micro_batch_size}"
+            f"for {self.rl.epochs} passes of {self.batch_size} samples = {split}"
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from accelerate.utils import convert_file_size_to_int
-
 from preftune.errors import ConfigError
 from preftune.fields import check_fields, option
+from preftune.progress import FORMATS
 from preftune.train.trackers import check_trackers
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
+# The units of a shard size, as transformers reads ``max_shard_size``: a lower-case ``b`` after
+# a decimal unit means bits.
+SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 
 
 @dataclass
@@ -89,12 +91,44 @@ class TrainSettings:
     def __post_init__(self) -> None:
         check_fields(self, "train")
         check_trackers(self.report_to)
-        try:
-            size = convert_file_size_to_int(self.max_shard_size)
-        except ValueError:
-            size = 0
-        if size <= 0:
+        if size_in_bytes(self.max_shard_size) <= 0:
             raise ConfigError(
                 f"train.max_shard_size={self.max_shard_size!r} is not a size: give bytes with a "
                 "unit, e.g. 5GB, 500MB or 2GiB"
             )
+
+
+def size_in_bytes(text: str) -> int:
+    """``text`` (``5GB``, ``500MB``, ``2GiB``) in bytes, as transformers' ``save_pretrained``
+    reads it (accelerate's parser would load torch into every config load); 0 where it is no
+    size."""
+    for unit, scale in SIZE_UNITS.items():
+        if text.upper().endswith(unit):
+            try:
+                size = int(float(text[: -len(unit)]) * scale)
+            except (ValueError, OverflowError):
+                return 0
+            return size // 8 if "I" not in unit and text.endswith("b") else size
+    return 0
+
+
+@dataclass
+class LogSettings:
+    """How a run reports on its terminal or log file (``log.*``), put in effect by the command
+    line (:func:`~preftune.commands.common.use_log_settings`); the metrics themselves always go
+    to ``metrics.jsonl`` and the trackers of ``train.report_to``."""
+
+    format: str = option(
+        "auto",
+        "auto (a live bar on a terminal, plain lines otherwise) | bar | plain (one line per "
+        "logged step and per evaluation) | quiet (only warnings, errors and the final summary)",
+        FORMATS,
+    )
+    verbose: bool = option(
+        False,
+        "show transformers', datasets' and huggingface_hub's own progress bars and their "
+        "warnings and info messages (false: silenced for the run)",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "log")

@@ -124,11 +124,11 @@ class ExampleBatches:
         return f"{what}: {shown}"
 
     def describe(self) -> str:
-        accumulation = self.sampler.batch_size // (self.num_processes * self.micro_batch_size)
+        split = batch_split(self.sampler.batch_size, self.num_processes, self.micro_batch_size)
+        unused = counted(self.sampler.unused_per_epoch, "example", "examples")
         return (
-            f"{self.sampler.batch_size} examples = {self.num_processes} processes x "
-            f"{accumulation} micro-batches x {self.micro_batch_size}; "
-            f"{self.sampler.unused_per_epoch} examples a epoch left over by the batch size"
+            f"{self.sampler.batch_size} examples = {split}; {unused} an epoch left over by the "
+            "batch size"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -173,6 +173,20 @@ def process_share(indices: list[int], process_index: int, num_processes: int) ->
     """This process's contiguous slice of a global batch (batch_size divides evenly)."""
     share = len(indices) // num_processes
     return indices[process_index * share : (process_index + 1) * share]
+
+
+def batch_split(batch_size: int, num_processes: int, micro_batch_size: int) -> str:
+    """How a step's ``batch_size`` examples are split, in words: ``2 processes x 1 micro-batch
+    x 4``."""
+    accumulation = batch_size // (num_processes * micro_batch_size)
+    processes = counted(num_processes, "process", "processes")
+    micro_batches = counted(accumulation, "micro-batch", "micro-batches")
+    return f"{processes} x {micro_batches} x {micro_batch_size}"
+
+
+def counted(number: int, one: str, many: str) -> str:
+    """``number`` and the noun it counts, singular for one: ``1 process``, ``2 processes``."""
+    return f"{number} {one if number == 1 else many}"
 
 
 def chunks(indices: list[int], size: int) -> list[list[int]]:
