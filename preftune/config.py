@@ -256,6 +256,12 @@ def _build(cls: type[C], flat: dict[str, Any], coerce: bool = True) -> C:
     flattened like sections' (``data.columns.prompt``, from a YAML mapping or given alone) and
     are gathered again, later entries joining earlier ones."""
     leaves = {key: hint for key, _, hint in _leaves(cls)}
+    # A list whose default is empty may be given empty (as a run's saved config gives it).
+    may_be_empty = {
+        key
+        for key, f, _ in _leaves(cls)
+        if f.default_factory is not dataclasses.MISSING and f.default_factory() == []
+    }
     sections = {key.rsplit(".", 1)[0] for key in leaves if "." in key}
     mappings = {key: kind for key, hint in leaves.items() if (kind := _mapped_type(hint))}
     values: dict[str, Any] = {}
@@ -270,6 +276,9 @@ def _build(cls: type[C], flat: dict[str, Any], coerce: bool = True) -> C:
             continue
         if key not in leaves:
             raise ConfigError(f"unknown config key '{key}'{_hint(key, [*leaves, *sections])}")
+        if value == [] and key in may_be_empty:
+            values[key] = []
+            continue
         values[key] = _coerce(key, value, leaves[key]) if coerce else value
     return _instantiate(cls, values, "")
 
