@@ -20,7 +20,7 @@ from preftune.commands.spin import run_spin
 from preftune.config import load_config
 from preftune.errors import PreftuneError
 from preftune.models.tiny import build_model, build_tokenizer
-from preftune.train.checkpoint import load_weights, save_weights, write_model_files
+from preftune.train.checkpoint_contents import load_weights, save_weights, write_model_files
 from tests.architectures import ARCHITECTURES, TOKENIZER, build
 from tests.conftest import SAMPLE_SFT, SAMPLE_TRAIN, accelerate_launch, fresh_launcher
 from tests.test_fsdp import COMMON, RUNS, SHARDED, preftune

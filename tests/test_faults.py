@@ -23,7 +23,7 @@ from preftune import cli
 from preftune.commands.dpo import DPOConfig, run_dpo
 from preftune.config import load_config
 from preftune.errors import ConfigError, TrainingError
-from preftune.train import checkpoint
+from preftune.train import checkpoint_contents
 from preftune.train.run_dir import LOCK, MARKER, Lock
 from tests.conftest import SAMPLE_TRAIN, read_metrics, write_jsonl
 from tests.test_guard import nan_gradient, poison
@@ -264,7 +264,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoints(
 ) -> None:
     """The second save runs out of disk: one line, and the checkpoints are as they were."""
     out = tmp_path / "out"
-    original, before = checkpoint.save_file, {}
+    original, before = checkpoint_contents.save_file, {}
 
     def fill_up(weights, filename, metadata=None):
         if before:
@@ -276,7 +276,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoints(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         original(weights, filename, metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", fill_up)
+    monkeypatch.setattr(checkpoint_contents, "save_file", fill_up)
     with pytest.raises(TrainingError, match="No space left on device; stopped, the newest"):
         dpo([*small_run, *STEPS[1:], "train.max_steps=4"])
     after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}

@@ -17,7 +17,8 @@ from preftune.commands.dpo import DPOConfig, run_dpo
 from preftune.config import load_config
 from preftune.errors import TrainingError
 from preftune.models import load
-from preftune.train.checkpoint import latest_checkpoint, rng_states, set_rng_states
+from preftune.train.checkpoint import latest_checkpoint
+from preftune.train.checkpoint_contents import rng_states, set_rng_states
 from preftune.train.metrics_log import MetricsLog
 from tests.conftest import ROOT, read_metrics
 

@@ -22,10 +22,11 @@ from preftune.objectives.base import (
     OwnsModules,
     StepAware,
 )
-from preftune.shares import decide_on_main, process_parts
+from preftune.shares import decide_on_main
 from preftune.train import placement, state
 from preftune.train.checkpoint import ResumePoint, newest_intact, remove_leftovers
 from preftune.train.eval_samples import continue_prompts
+from preftune.train.evaluation import accumulate, evaluate, reduce_metrics
 from preftune.train.guard import (
     NON_FINITE_WEIGHTS,
     BadStep,
@@ -302,7 +303,7 @@ def _optimizer_step(
             if not skip_update:
                 state.backward(acc, model, loss_sum * scale, sync)
         finite.append(torch.isfinite(loss_sum.detach()))
-        _accumulate(sums, metrics)
+        accumulate(sums, metrics)
         tokens += real_tokens(batch)
     grad_norm = None
     if not skip_update:
@@ -314,36 +315,11 @@ def _optimizer_step(
     elif acc.scaler is not None:
         acc.scaler.update()  # the loss scaler expects an update after unscaling
     optimizer.zero_grad(set_to_none=True)
-    stats = _reduce(sums, acc)
+    stats = reduce_metrics(sums, acc)
     if grad_norm is not None:
         stats["grad_norm"] = grad_norm
     stats["tokens"] = float(counts)
     return stats, bad
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    objective: Objective,
-    examples: Sequence[Any],
-    micro: int,
-    acc: Accelerator,
-) -> dict[str, float]:
-    """Metrics averaged over every eval example; each process scores every num_processes-th."""
-    was_training = model.training
-    model.eval()
-    sums: Metrics = {}
-    lockstep = state.lockstep(acc, model)
-    parts = process_parts(len(examples), acc.process_index, acc.num_processes, micro, lockstep)
-    for part in parts:
-        batch = objective.collate([examples[i] for i in part or [0]])
-        batch = {key: value.to(acc.device) for key, value in batch.items()}
-        with acc.autocast():
-            _, metrics = objective.compute(model, batch)
-        if part:  # an empty part only keeps a sharded model's processes in step
-            _accumulate(sums, metrics)
-    model.train(was_training)
-    return _reduce(sums, acc)
 
 
 def real_tokens(batch: Batch) -> int:
@@ -351,23 +327,3 @@ def real_tokens(batch: Batch) -> int:
     if "num_tokens" in batch:
         return int(batch["num_tokens"].sum())
     return int(batch["attention_mask"].sum())
-
-
-def _accumulate(sums: Metrics, metrics: Metrics) -> None:
-    for key, (total, count) in metrics.items():
-        if key in sums:
-            sums[key] = (sums[key][0] + total, sums[key][1] + count)
-        else:
-            sums[key] = (total, count)
-
-
-def _reduce(sums: Metrics, acc: Accelerator) -> dict[str, float]:
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    packed = torch.stack([torch.stack(sums[key]).float() for key in keys]).to(acc.device)
-    packed = acc.reduce(packed, "sum")
-    return {
-        key: (total / max(count, 1.0))
-        for key, (total, count) in zip(keys, packed.tolist(), strict=True)
-    }

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from preftune.errors import ConfigError, TrainingError
 from preftune.shares import decide_on_main
-from preftune.train import checkpoint
+from preftune.train import checkpoint, checkpoint_contents
 from preftune.train.guard import newest_intact_phrase
 from preftune.train.placement import is_deepspeed, is_sharded
 from preftune.train.settings import TrainSettings
@@ -227,7 +227,7 @@ def load_whole(path: Path, model: torch.nn.Module) -> None:
         load_shards(state, checkpoint_id=str(path / SHARDS))
         set_model_state_dict(model, state["model"])
     else:
-        checkpoint.load_weights(model, path / checkpoint.weights_file("model"))
+        checkpoint_contents.load_weights(model, path / checkpoint_contents.weights_file("model"))
 
 
 def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -276,5 +276,5 @@ def save_pretrained(
     module = acc.unwrap_model(model)
     options: dict[str, Any] = {"safe_serialization": True, "max_shard_size": max_shard_size}
     if state_dict is not None:
-        options["state_dict"] = checkpoint.untied(module, state_dict)
+        options["state_dict"] = checkpoint_contents.untied(module, state_dict)
     module.save_pretrained(directory, **options)
