@@ -102,8 +102,10 @@ def test_a_group_is_judged_every_two_and_pairs_follow_the_verdicts(llm: Judge) -
         assert group.probs[i][i] == 0.5
         for j in range(4):
             assert group.probs[i][j] + group.probs[j][i] == pytest.approx(1, abs=1e-12)
-    # Identical completions tie exactly: both orders of the same text.
-    assert group.probs[0][3] == pytest.approx(0.5, abs=1e-12)
+    # Identical completions tie exactly, for every kind of judge.
+    assert group.probs[0][3] == group.probs[3][0] == 0.5
+    scored = load_judge(JudgeSettings(spec="function:tests.toy_rewards:lowercase"))
+    assert scored.group(PROMPTS[0], ["ab", "c", "ab"]).probs[0][2] == 0.5
     strengths = group.strengths
     best, worst, p = form_pairs(group, "best_worst")[0]
     assert strengths[best] == max(strengths) and strengths[worst] == min(strengths)

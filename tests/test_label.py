@@ -169,7 +169,7 @@ def test_an_llm_judge_labels_and_reports_its_position_bias(tmp_path: Path) -> No
     )
     judge = ["judge.spec=llm:tiny", "judge.max_length=64"]
     out, rows = label(tmp_path, f"data.train={prompts}", *judge, "label.k=3")
-    assert all(0.5 < row["chosen_probability"] <= 1 for row in rows)
+    assert rows and all(0.5 < row["chosen_probability"] <= 1 for row in rows)
     summary = out.strip().splitlines()[-1]
     assert "position bias: the two orders disagreed on " in summary
     assert summary.endswith(" of 12 pairs")  # 4 prompts, every two of their 3 completions

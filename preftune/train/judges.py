@@ -20,6 +20,7 @@ others (:meth:`Judge.group`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 
 from preftune.errors import ConfigError, PreftuneError
+from preftune.models.attention import inner_model
+from preftune.models.rollout_logps import positions
 from preftune.train.rollout_settings import JudgeSettings, check_judge_spec
 
 DEFAULT_TEMPLATE = (
@@ -86,13 +89,22 @@ class Judge:
 
     def group(self, prompt: str, completions: Sequence[str]) -> Group:
         """Every completion of ``prompt`` judged against every other: a scoring judge scores
-        each once; an ``llm`` judge compares each two (in both orders)."""
+        each once; an ``llm`` judge compares each two (in both orders). Two identical
+        completions tie exactly (½), whatever batch position they were scored at."""
         k = len(completions)
         if self.score is not None:
             scores = self.score([prompt] * k, list(completions))
-            probs = [[bradley_terry(x, y) for y in scores] for x in scores]
+            probs = [
+                [
+                    0.5 if completions[i] == completions[j] else bradley_terry(x, y)
+                    for j, y in enumerate(scores)
+                ]
+                for i, x in enumerate(scores)
+            ]
             return Group(probs, scores)
-        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        pairs = [
+            (i, j) for i in range(k) for j in range(i + 1, k) if completions[i] != completions[j]
+        ]
         first = [completions[i] for i, _ in pairs]
         second = [completions[j] for _, j in pairs]
         verdicts = self.prefer([prompt] * len(pairs), first, second)
@@ -174,6 +186,9 @@ class LanguageModelJudge:
         self.model = load_model(spec, self.tokenizer).eval().to(device)
         self.device = torch.device(device)
         self.batch_size, self.max_length = settings.batch_size, settings.max_length
+        # The output layer runs on the last position only, where the model takes that.
+        forward = inspect.signature(inner_model(self.model).forward).parameters
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
 
     def compare(self, prompts: list[str], a: list[str], b: list[str]) -> Verdicts:
         first = self.label_probability(prompts, a, b)  # P₁(A): a shown first
@@ -200,9 +215,17 @@ class LanguageModelJudge:
             mask = torch.tensor(
                 [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device
             )
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-            last = logits[:, -1].float()
+            last = (
+                self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions(mask),
+                    use_cache=False,
+                    **self.last_only,
+                )
+                .logits[:, -1]
+                .float()
+            )
             labels = torch.tensor([pair for _, pair in encoded], device=self.device)
             pair = last.gather(1, labels).log_softmax(dim=-1)
             out += pair[:, 0].exp().tolist()
