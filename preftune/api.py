@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from preftune import progress
 from preftune.commands import REGISTRY
 from preftune.commands.configs import RunConfig
 from preftune.config import build_config
@@ -62,7 +61,9 @@ def train(
     is an unknown key, before any model loads.
 
     Progress and each run's summary go to the ``preftune`` logger
-    (``logging.basicConfig(level=logging.INFO)`` shows them).
+    (``logging.basicConfig(level=logging.INFO)`` shows them); as on the command line,
+    transformers', datasets' and the hub's own progress bars and info messages are silenced for
+    the rest of the process unless ``log.verbose`` is true.
 
     Example (the tiny preset on three pairs, on a CPU, in seconds)::
 
@@ -97,7 +98,9 @@ def train(
                 raise ConfigError(f"{key} is given twice: as {key.split('.')[-1]}= and as a key")
             values[key] = value
         config = build_config(config_class, values)
-        progress.choose(config.log.format)
+        from preftune.commands.common import use_log_settings
+
+        use_log_settings(config.log)  # as on the command line (log.verbose keeps others' bars)
         result = REGISTRY[command].run(config)
     # spin: one record per iteration; its model is the last iteration's.
     last = result[-1] if isinstance(result, list) else result
@@ -114,7 +117,7 @@ def _training_config(command: str) -> type[RunConfig]:
     }
     if command not in trainers:
         raise ConfigError(
-            f"preftune.train runs a training command ({', '.join(trainers)}), not {command!r}"
+            f"preftune.api.train runs a training command ({', '.join(trainers)}), not {command!r}"
         )
     return trainers[command]
 

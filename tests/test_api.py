@@ -76,7 +76,7 @@ def test_a_model_object_trains_from_its_saved_copy(tmp_path: Path) -> None:
         ({"command": "dpo", "gradient_accumulation_steps": 4}, "train.batch_size is the global"),
         ({"command": "dpo", "loss.beta": -1}, "loss.beta must be positive, got -1.0"),
         ({"command": "dpo", "data.train": "x.jsonl"}, "data.train is given twice"),
-        ({"command": "score"}, "preftune.train runs a training command (dpo, sft, "),
+        ({"command": "score"}, "preftune.api.train runs a training command (dpo, sft, "),
         ({"command": "data check"}, "not 'data check'"),
         ({"command": "dpo", "tokenizer": object()}, "tokenizer= goes with a model object"),
     ],
@@ -84,13 +84,12 @@ def test_a_model_object_trains_from_its_saved_copy(tmp_path: Path) -> None:
 def test_mistakes_are_one_line_before_any_model(
     call: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import preftune.models.load
+    import preftune.commands.dpo
 
     def refused(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("a model or tokenizer was loaded before the config was checked")
+        raise AssertionError("the command ran before its config was checked")
 
-    monkeypatch.setattr(preftune.models.load, "load_tokenizer", refused)
-    monkeypatch.setattr(preftune.models.load, "load_model", refused)
+    monkeypatch.setattr(preftune.commands.dpo, "run_dpo", refused)
     command = call.pop("command")
     with pytest.raises(ConfigError) as caught:
         train(command, train=ROWS, **call)

@@ -34,6 +34,8 @@ def test_raising_max_steps_extends_a_finished_run(
     said = capsys.readouterr().out
     assert "train.max_steps was 4, now 6: going on from step-00000004" in said
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert main([*RUN, "train.max_steps=3", f"output_dir={out}"]) == 2
+    assert "train.max_steps=3 is below the step of step-00000006" in capsys.readouterr().err
 
 
 def test_a_key_newer_than_the_checkpoint_matches_its_default(

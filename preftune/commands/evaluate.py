@@ -12,6 +12,7 @@ goes to ``eval_samples.jsonl``, the summary to ``eval_summary.json``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from preftune.train.rollouts import EncodedPrompt
 def run_eval(cfg: EvalConfig) -> dict[str, float]:
     if cfg.data.eval is None:
         raise ConfigError("data.eval is required: the held-out prompts to judge the policy on")
+    if cfg.generation.backend == "vllm":
+        raise ConfigError("generation.backend=vllm is not available yet: use generation.backend=hf")
     if not cfg.judge.spec:
         raise ConfigError("judge.spec is required: rm:DIR, function:module:callable or llm:MODEL")
     acc = make_accelerator(cfg)  # type: ignore[arg-type]  # the model.* and seed keys it reads
@@ -40,7 +43,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     if cfg.eval.max_prompts:
         prompts = prompts[: cfg.eval.max_prompts]
     judge = load_judge(cfg.judge, acc.device)
-    policy = _sample(cfg, cfg.model.path, prompts, acc.device)
+    policy = _sample(cfg, model_spec(cfg), prompts, acc.device)  # type: ignore[arg-type]
     if cfg.eval.baseline == "data":
         if any(prompt.response is None for prompt in prompts):
             raise ConfigError(
@@ -49,7 +52,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
             )
         baseline = [str(prompt.response) for prompt in prompts]
     else:
-        baseline = _sample(cfg, cfg.eval.baseline, prompts, acc.device)
+        # The baseline reads the same prompts through its own tokenizer (and template).
+        spec = replace(model_spec(cfg), path=cfg.eval.baseline)  # type: ignore[arg-type]
+        own = load_prompts(cfg, load_tokenizer(spec), acc, split="eval")[: len(prompts)]
+        baseline = _sample(cfg, spec, own, acc.device)
     result, bias, records = judged(judge, tokenizer, prompts, policy, baseline, cfg.seed)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,15 +76,19 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     return {"win_rate": result.win_rate, "length_controlled": result.length_controlled}
 
 
-def _sample(cfg: EvalConfig, path: str, prompts: list[EncodedPrompt], device: Any) -> list[str]:
-    """One response to each prompt from the model at ``path``, as ``generation.*`` says."""
-    spec = ModelSpec(path=path, seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+def _sample(
+    cfg: EvalConfig, spec: ModelSpec, prompts: list[EncodedPrompt], device: Any
+) -> list[str]:
+    """One response to each prompt (encoded by the model's own tokenizer) from the model
+    ``spec`` names, with every ``model.*`` setting but its path, as ``generation.*`` says."""
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, tokenizer).eval().to(device)
     g = cfg.generation
     sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p)
     ids = [prompt.prompt_ids for prompt in prompts]
-    responses = generate_ids(model, ids, tokenizer, sampling, g.batch_size, cfg.seed, desc=path)
+    responses = generate_ids(
+        model, ids, tokenizer, sampling, g.batch_size, cfg.seed, desc=spec.path
+    )
     return [str(tokenizer.decode(r, skip_special_tokens=True)) for r in responses]
 
 

@@ -68,16 +68,33 @@ def find_resume_point(
             for note in point.passed_over:
                 acc.print(f"passed over damaged checkpoint {note}")
             check_same_run(point, identity, allow_data_change, output_dir, defaults)
-            for key in EXTENDING:
-                before = point.state.get("config", {}).get(key)
-                if before is not None and before != identity["config"].get(key):
-                    acc.print(
-                        f"{key} was {before}, now {identity['config'][key]}: going on from "
-                        f"{point.path.name}, the learning-rate schedule rebuilt for the new length"
-                    )
+            for key, (before, now) in changed_length(point, identity).items():
+                acc.print(
+                    f"{key} was {before}, now {now}: going on from {point.path.name}, the "
+                    "learning-rate schedule rebuilt for the new length"
+                )
         return point
 
     return decide_on_main(acc, decide)
+
+
+def changed_length(point: ResumePoint, identity: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The keys of :data:`EXTENDING` the run changes, (before, now); a ``train.max_steps``
+    below the checkpoint's step is refused in one line (that run is already past it)."""
+    saved, current = point.state.get("config", {}), identity["config"]
+    changed = {
+        key: (saved[key], current.get(key))
+        for key in EXTENDING
+        if key in saved and saved[key] != current.get(key)
+    }
+    steps = current.get("train.max_steps") or 0
+    if "train.max_steps" in changed and 0 < steps < point.state["step"]:
+        raise ConfigError(
+            f"train.max_steps={steps} is below the step of {point.path.name}, which this run "
+            f"resumes from: set train.max_steps to {point.state['step']} or more, or choose "
+            "another output_dir"
+        )
+    return changed
 
 
 def check_same_run(
