@@ -59,7 +59,8 @@ def test_whole_weights_checkpoint_is_a_model_directory(tmp_path: Path) -> None:
     out = tmp_path / "out"
     dpo(out, "train.max_steps=4")
     step = step_dir(out, 2)
-    model = AutoModelForCausalLM.from_pretrained(step)
+    model, info = AutoModelForCausalLM.from_pretrained(step, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # none made up
     saved = load_file(step / "model.safetensors")
     weights = model.state_dict()
     assert saved and all(torch.equal(weights[key], value) for key, value in saved.items())

@@ -176,7 +176,6 @@ def test_the_cache_is_keyed_by_the_reference(
     ("overrides", "says"),
     [
         (SYNC[:1], "set speed.reference_cache=false"),
-        ([SYNC[0], "speed.reference_cache=true"], "set speed.reference_cache=false"),
         ([*SYNC, "train.distributed=fsdp2"], "train.distributed=fsdp2"),
         (["reference.sync_mix=0.5"], "no effect without reference.sync_every"),
         (["reference.model={seed7}", "loss.type=simpo"], "uses no reference"),
