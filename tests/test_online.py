@@ -165,6 +165,8 @@ def test_a_run_killed_mid_round_resumes_exactly(tmp_path: Path) -> None:
         ("online", [JUDGE, "train.distributed=fsdp2"], "runs under train.distributed=ddp only"),
         ("online", [JUDGE, "online.pairs=best"], "online.pairs"),
         ("online", [JUDGE, "online.referense=round"], "online.reference"),
+        ("online", [JUDGE, "speed.reference_cache=false"], "unknown config key"),
+        ("online", [JUDGE, "judge.template=x {prompt} {a} {b}"], "read by llm judges only"),
         ("eval", [JUDGE], "data.eval is required"),
         ("eval", [f"data.eval={SAMPLE_EVAL}"], "judge.spec is required"),
     ],

@@ -17,6 +17,7 @@ from preftune.losses.settings import LossSettings
 from preftune.models.settings import LoraSettings, ModelSettings
 from preftune.objectives.settings import (
     KTOSettings,
+    LayoutSettings,
     OnlineSettings,
     PPOSettings,
     ReferenceSettings,
@@ -156,7 +157,7 @@ class RLOOConfig(RunConfig):
 @dataclass
 class OnlineConfig(RunConfig):
     loss: LossSettings = field(default_factory=LossSettings)
-    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    speed: LayoutSettings = field(default_factory=LayoutSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     online: OnlineSettings = field(default_factory=OnlineSettings)

@@ -15,19 +15,9 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class SpeedSettings:
-    reference_cache: bool = option(
-        True,
-        "compute reference log-probs once before training, cache them on disk, free the reference",
-    )
-    cache_dir: str | None = option(
-        None, "reference cache directory (null: $PREFTUNE_CACHE or ~/.cache/preftune)"
-    )
-    reference_batch_size: int = option(
-        0,
-        "pairs per forward when precomputing reference log-probs (0: 2 x micro-batch)",
-        at_least=0,
-    )
+class LayoutSettings:
+    """How pairs are laid out and scored (the speed levers every paired objective takes)."""
+
     prefix_sharing: bool = option(
         True, "lay each pair out as prompt + chosen + rejected, computing the prompt once"
     )
@@ -44,6 +34,26 @@ class SpeedSettings:
 
     def __post_init__(self) -> None:
         check_fields(self, "speed")
+
+
+@dataclass
+class SpeedSettings(LayoutSettings):
+    """The layout levers and the reference cache, for objectives whose reference is fixed
+    data-wide (online DPO has reference log-probs from its own sampling, and takes the layout
+    levers alone)."""
+
+    reference_cache: bool = option(
+        True,
+        "compute reference log-probs once before training, cache them on disk, free the reference",
+    )
+    cache_dir: str | None = option(
+        None, "reference cache directory (null: $PREFTUNE_CACHE or ~/.cache/preftune)"
+    )
+    reference_batch_size: int = option(
+        0,
+        "pairs per forward when precomputing reference log-probs (0: 2 x micro-batch)",
+        at_least=0,
+    )
 
 
 @dataclass

@@ -15,7 +15,7 @@ from preftune.models.attention import (
     is_varlen,
 )
 from preftune.models.layout_check import layout_error
-from preftune.objectives.settings import SpeedSettings
+from preftune.objectives.settings import LayoutSettings
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class PairScoring:
     logits_chunk: int = 0
 
     @classmethod
-    def from_config(cls, speed: SpeedSettings) -> PairScoring:
+    def from_config(cls, speed: LayoutSettings) -> PairScoring:
         return cls(
             prefix_sharing=speed.prefix_sharing,
             packing=speed.packing,
@@ -44,7 +44,7 @@ class PairScoring:
         return self.prefix_sharing or self.packing
 
 
-def choose_scoring(model: torch.nn.Module, speed: SpeedSettings) -> tuple[PairScoring, str | None]:
+def choose_scoring(model: torch.nn.Module, speed: LayoutSettings) -> tuple[PairScoring, str | None]:
     """The levers of ``speed`` that are exact on ``model``, and a line saying which were turned
     off and why (None when all stand).
 

@@ -81,6 +81,11 @@ class JudgeSettings:
         check_fields(self, "judge")
         if self.spec:
             check_judge_spec(self.spec)
+            if self.template is not None and not self.spec.startswith("llm:"):
+                raise ConfigError(
+                    f"judge.template is read by llm judges only, not by judge.spec={self.spec}: "
+                    "unset it"
+                )
 
 
 def check_judge_spec(spec: str) -> None:
