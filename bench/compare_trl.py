@@ -1,19 +1,25 @@
-"""preftune against TRL's DPOTrainer on the same model, data, tokens, batch size and steps.
+"""preftune against TRL's DPOTrainer and against the floor, on the same model, tokens and steps.
 
-    python bench/compare_trl.py                       # 3 rounds on CPU, ~20 minutes on 2 cores
-    python bench/compare_trl.py --rounds 1 --pairs 16   # a quick look
+    python bench/compare_trl.py                             # 3 scenarios x 3 rounds, ~40 min
+    python bench/compare_trl.py --scenarios hh --rounds 1   # a quick look
 
-Builds one Llama-architecture model from a config (no download) and one synthetic preference
-set with long prompts (prompt about twice the response, lengths varying), then runs each
-configuration in a fresh process, alternating configurations round by round so machine noise
-hits all of them alike. Each run trains one epoch: every pair once, so every run processes the
-same real tokens. Reported per configuration (median over rounds): real (non-pad) tokens per
-second over the whole run (reference pass and data preparation included, cold cache), peak
-memory (resident set on CPU, peak allocated on GPU), and the step-1 loss. TRL runs in its
-fastest correct setting for the device (float32 on CPU without gradient checkpointing, bf16 on
-GPU), with and without ``precompute_ref_log_probs``; TRL is given preftune's token ids, so both
-train on identical tokens. The last line is ``speedup=X memory_ratio=Y loss_delta=Z``,
-preftune over TRL's best setting.
+Builds one Llama-architecture model from a config (no download) and, per scenario, one
+synthetic preference set (lengths varying uniformly in ½–1½ of each mean): ``short`` (prompts
+~32 tokens, responses ~256), ``long`` (prompts ~1024, responses ~512, batch 4) and ``hh``
+(HH-like: prompts ~256, responses ~128). Each configuration runs in a fresh process,
+configurations alternated round by round so machine noise hits all of them alike; each run
+trains one epoch, every pair once, so every run processes the same real tokens. Configurations:
+TRL in its fastest correct setting for the device (float32 on CPU without gradient
+checkpointing, bf16 on GPU; with ``precompute_ref_log_probs`` too under ``--only``), given
+preftune's token ids; preftune with its defaults; and the floor, ``bench/floor.py``: a lean
+hand-written DPO script in plain PyTorch on the same tokens.
+
+Reported per configuration (median over rounds): real (non-pad) tokens per second over the
+whole run (model loading, reference pass and data preparation included, cold cache) by wall
+time and by the process's CPU time (robust when the machine is shared), peak memory (resident
+set on CPU, peak allocated on GPU) and the step-1 loss. One summary line per scenario, the HH-like
+one last: ``scenario=NAME speedup=X memory_ratio=Y floor_ratio=Z loss_delta=D``, preftune over
+TRL's best setting (speed-up and floor ratio by CPU time).
 
 Needs the bench extra: ``pip install -e .[bench]``.
 """
@@ -29,10 +35,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["the", "a", "model", "answer", "question", "people", "should", "could", "would"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    prompt_tokens: int
+    response_tokens: int
+    batch_size: int
+    pairs: int
+
+
+# The HH-like scenario last: its summary line is the last line printed.
+SCENARIOS = {
+    "short": Scenario(prompt_tokens=32, response_tokens=256, batch_size=8, pairs=32),
+    "long": Scenario(prompt_tokens=1024, response_tokens=512, batch_size=4, pairs=12),
+    "hh": Scenario(prompt_tokens=256, response_tokens=128, batch_size=8, pairs=48),
+}
 
 # Configurations: name -> (engine, options). preftune's lever runs switch one lever off each.
 LEVERS = {
@@ -45,10 +68,12 @@ CONFIGS = {
     "TRL": ("trl", {"precompute": False}),
     "TRL precompute_ref_log_probs": ("trl", {"precompute": True}),
     "preftune": ("preftune", {"overrides": []}),
+    "floor": ("floor", {}),
     **{
         f"preftune, no {lever}": ("preftune", {"overrides": [key]}) for lever, key in LEVERS.items()
     },
 }
+DEFAULT_CONFIGS = ("TRL", "preftune", "floor")
 
 
 def text(rng: random.Random, tokens: int) -> str:
@@ -59,19 +84,19 @@ def text(rng: random.Random, tokens: int) -> str:
     return " ".join(words)[: tokens - 1] + "."
 
 
-def make_data(path: Path, pairs: int, prompt_tokens: int, response_tokens: int, seed: int) -> None:
-    """HH-like pairs: prompts ~2x the responses, each length uniform in [0.5, 1.5] x its mean."""
+def make_data(path: Path, scenario: Scenario, seed: int) -> None:
+    """Pairs whose prompt and response lengths are each uniform in [0.5, 1.5] x their mean."""
     rng = random.Random(seed)
 
     def length(mean: int) -> int:
         return rng.randint(mean // 2, mean * 3 // 2)
 
     with path.open("w") as f:
-        for _ in range(pairs):
+        for _ in range(scenario.pairs):
             row = {
-                "prompt": text(rng, length(prompt_tokens)),
-                "chosen": " " + text(rng, length(response_tokens)),
-                "rejected": " " + text(rng, length(response_tokens)),
+                "prompt": text(rng, length(scenario.prompt_tokens)),
+                "chosen": " " + text(rng, length(scenario.response_tokens)),
+                "rejected": " " + text(rng, length(scenario.response_tokens)),
             }
             f.write(json.dumps(row) + "\n")
 
@@ -105,19 +130,30 @@ def make_model(directory: Path, args: argparse.Namespace) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def encoded(work: Path, max_length: int):
+def encoded(model: Path, data: Path, max_length: int):
     from preftune.data.encode import Budget, encode_pairs
     from preftune.data.readers import load_pairs
     from preftune.models.load import ModelSpec, load_tokenizer
 
-    tokenizer = load_tokenizer(ModelSpec(str(work / "model")))
-    pairs, _ = encode_pairs(
-        load_pairs(str(work / "pairs.jsonl"))[0], tokenizer, Budget(max_length, None)
-    )
+    tokenizer = load_tokenizer(ModelSpec(str(model)))
+    pairs, _ = encode_pairs(load_pairs(str(data))[0], tokenizer, Budget(max_length, None))
     return pairs, tokenizer
 
 
-def run_trl(work: Path, args: argparse.Namespace, precompute: bool) -> dict:
+class Clock:
+    """Wall time and this process's CPU time (every thread) since it was made."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict[str, float]:
+        return {
+            "seconds": time.perf_counter() - self.wall,
+            "cpu_seconds": time.process_time() - self.cpu,
+        }
+
+
+def run_trl(work: Path, data: Path, args: argparse.Namespace, precompute: bool) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -129,15 +165,15 @@ def run_trl(work: Path, args: argparse.Namespace, precompute: bool) -> dict:
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    pairs, tokenizer = encoded(work, args.max_length)
-    start = time.perf_counter()
+    pairs, tokenizer = encoded(work / "model", data, args.max_length)
+    clock = Clock()
     rows = [
         {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
         for p in pairs
     ]
     gpu = torch.cuda.is_available()
     config = DPOConfig(
-        output_dir=str(work / "trl-out"),
+        output_dir=str(data.parent / "trl-out"),
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
         max_steps=len(pairs) // args.batch_size,
@@ -162,25 +198,25 @@ def run_trl(work: Path, args: argparse.Namespace, precompute: bool) -> dict:
         model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
     trainer.train()
-    seconds = time.perf_counter() - start
+    trainer.save_model()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return {"seconds": seconds, "step1_loss": losses[0], "tokens": real_tokens(pairs)}
+    return {**clock.read(), "step1_loss": losses[0], "tokens": real_tokens(pairs)}
 
 
-def run_preftune(work: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
+def run_preftune(work: Path, data: Path, args: argparse.Namespace, overrides: list[str]) -> dict:
     from preftune.commands.dpo import DPOConfig, run_dpo
     from preftune.config import load_config
 
-    pairs, _ = encoded(work, args.max_length)
-    out = Path(tempfile.mkdtemp(dir=work))
-    start = time.perf_counter()
+    pairs, _ = encoded(work / "model", data, args.max_length)
+    out = Path(tempfile.mkdtemp(dir=data.parent))
+    clock = Clock()
     run_dpo(
         load_config(
             DPOConfig,
             None,
             [
                 f"model={work / 'model'}",
-                f"data.train={work / 'pairs.jsonl'}",
+                f"data.train={data}",
                 f"data.max_length={args.max_length}",
                 "data.max_prompt_length=null",
                 f"train.batch_size={args.batch_size}",
@@ -196,9 +232,19 @@ def run_preftune(work: Path, args: argparse.Namespace, overrides: list[str]) -> 
             ],
         )
     )
-    seconds = time.perf_counter() - start
+    measured = clock.read()
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    return {"seconds": seconds, "step1_loss": first["loss"], "tokens": real_tokens(pairs)}
+    return {**measured, "step1_loss": first["loss"], "tokens": real_tokens(pairs)}
+
+
+def run_floor(work: Path, data: Path, args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from floor import train
+
+    pairs, _ = encoded(work / "model", data, args.max_length)
+    clock = Clock()
+    losses = train(work / "model", pairs, Path(tempfile.mkdtemp(dir=data.parent)), args.batch_size)
+    return {**clock.read(), "step1_loss": losses[0], "tokens": real_tokens(pairs)}
 
 
 def real_tokens(pairs) -> int:
@@ -217,74 +263,95 @@ def peak_memory() -> float:
 def worker(args: argparse.Namespace) -> None:
     engine, options = CONFIGS[args.worker]
     work = Path(args.work)
+    data = work / args.scenario / "pairs.jsonl"
+    args.batch_size = SCENARIOS[args.scenario].batch_size
     if engine == "trl":
-        result = run_trl(work, args, options["precompute"])
+        result = run_trl(work, data, args, options["precompute"])
+    elif engine == "floor":
+        result = run_floor(work, data, args)
     else:
-        result = run_preftune(work, args, [*options["overrides"], *args.preftune_override])
+        result = run_preftune(work, data, args, [*options["overrides"], *args.preftune_override])
     result["peak_bytes"] = peak_memory()
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def launch(name: str, work: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--work", str(work)]
-    command += forwarded(args)
+def launch(name: str, scenario: str, work: Path, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--scenario", scenario]
+    command += ["--work", str(work), *forwarded(args)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
-        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{name} ({scenario}) failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:
-    keys = ("batch_size", "max_length", "seed")
+    keys = ("max_length", "seed")
     flags = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in keys]
     return flags + [f"--preftune-override={item}" for item in args.preftune_override]
 
 
-def report(results: dict[str, list[dict]], args: argparse.Namespace, params: int) -> None:
-    rows = {}
-    for name, runs in results.items():
-        rows[name] = {
-            "tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in runs),
-            "peak_gib": statistics.median(r["peak_bytes"] for r in runs) / 2**30,
-            "step1_loss": runs[0]["step1_loss"],
-            "seconds": statistics.median(r["seconds"] for r in runs),
-        }
+def summarise(runs: list[dict]) -> dict[str, float]:
+    return {
+        "tokens_per_second": statistics.median(r["tokens"] / r["seconds"] for r in runs),
+        "tokens_per_cpu_second": statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs),
+        "peak_gib": statistics.median(r["peak_bytes"] for r in runs) / 2**30,
+        "step1_loss": runs[0]["step1_loss"],
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
+    }
+
+
+def report(
+    name: str, results: dict[str, list[dict]], args: argparse.Namespace, params: int
+) -> str | None:
+    """The scenario's table (and lever table); returns its summary line."""
+    scenario = SCENARIOS[name]
+    rows = {config: summarise(runs) for config, runs in results.items()}
     print(
-        f"\nmodel: Llama, {params / 1e6:.1f}M parameters, vocabulary {args.vocab}; "
-        f"{args.pairs} pairs, prompt ~{args.prompt_tokens} and responses ~{args.response_tokens}"
-        f" tokens; batch {args.batch_size}; median of {args.rounds} rounds\n"
+        f"\n## {name}: Llama, {params / 1e6:.1f}M parameters, vocabulary {args.vocab}; "
+        f"{scenario.pairs} pairs, prompt ~{scenario.prompt_tokens} and responses "
+        f"~{scenario.response_tokens} tokens; batch {scenario.batch_size}; median of "
+        f"{args.rounds} rounds\n"
     )
-    print("| configuration | real tokens/s | run s | peak memory GiB | step-1 loss | MFU |")
-    print("|---|---|---|---|---|---|")
-    for name, row in rows.items():
+    print(
+        "| configuration | real tokens/s (wall) | real tokens/CPU-s | run s | CPU s "
+        "| peak memory GiB | step-1 loss | MFU |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for config, row in rows.items():
         print(
-            f"| {name} | {row['tokens_per_second']:.0f} | {row['seconds']:.1f} | "
-            f"{row['peak_gib']:.2f} | {row['step1_loss']:.7f} | "
-            f"{mfu(row['tokens_per_second'], params, args.peak_tflops)} |"
+            f"| {config} | {row['tokens_per_second']:.0f} | {row['tokens_per_cpu_second']:.0f} | "
+            f"{row['seconds']:.1f} | {row['cpu_seconds']:.1f} | {row['peak_gib']:.2f} | "
+            f"{row['step1_loss']:.7f} | {mfu(row['tokens_per_second'], params, args.peak_tflops)} |"
         )
     if "preftune" not in rows:
-        return
+        return None
     ours = rows["preftune"]
-    print("\n| lever switched off | preftune tokens/s | slowdown | peak memory GiB |")
-    print("|---|---|---|---|")
-    for lever in LEVERS:
-        row = rows.get(f"preftune, no {lever}")
-        if row:
-            slowdown = ours["tokens_per_second"] / row["tokens_per_second"]
+    levers = [lever for lever in LEVERS if f"preftune, no {lever}" in rows]
+    if levers:
+        print("\n| lever switched off | preftune tokens/CPU-s | slowdown | peak memory GiB |")
+        print("|---|---|---|---|")
+        for lever in levers:
+            row = rows[f"preftune, no {lever}"]
+            slowdown = ours["tokens_per_cpu_second"] / row["tokens_per_cpu_second"]
             print(
-                f"| {lever} | {row['tokens_per_second']:.0f} | {slowdown:.2f}x | "
+                f"| {lever} | {row['tokens_per_cpu_second']:.0f} | {slowdown:.2f}x | "
                 f"{row['peak_gib']:.2f} |"
             )
-    trl = [name for name in rows if name.startswith("TRL")]
-    if not trl:
-        return
-    best = max(trl, key=lambda name: rows[name]["tokens_per_second"])
-    print(f"\nTRL's best setting: {best}")
-    speedup = ours["tokens_per_second"] / rows[best]["tokens_per_second"]
+    trl = [config for config in rows if config.startswith("TRL")]
+    if not trl or "floor" not in rows:
+        return None
+    best = max(trl, key=lambda config: rows[config]["tokens_per_cpu_second"])
+    speedup = ours["tokens_per_cpu_second"] / rows[best]["tokens_per_cpu_second"]
     memory = ours["peak_gib"] / rows[best]["peak_gib"]
+    floor = ours["tokens_per_cpu_second"] / rows["floor"]["tokens_per_cpu_second"]
     delta = ours["step1_loss"] - rows[best]["step1_loss"]
-    print(f"\nspeedup={speedup:.2f} memory_ratio={memory:.2f} loss_delta={delta:.2e}")
+    print(f"\nTRL's best setting: {best}")
+    return (
+        f"scenario={name} speedup={speedup:.2f} memory_ratio={memory:.2f} "
+        f"floor_ratio={floor:.3f} loss_delta={delta:.2e}"
+    )
 
 
 def profile(name: str, work: Path, args: argparse.Namespace) -> None:
@@ -295,7 +362,7 @@ def profile(name: str, work: Path, args: argparse.Namespace) -> None:
     args.worker, args.work = name, str(work)
     profiler = cProfile.Profile()
     profiler.runcall(worker, args)
-    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
 
 
 def mfu(tokens_per_second: float, params: int, peak_tflops: float | None) -> str:
@@ -309,20 +376,27 @@ def mfu(tokens_per_second: float, params: int, peak_tflops: float | None) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--pairs", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--response-tokens", type=int, default=128)
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--scenarios", nargs="*", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--pairs", type=int, help="pairs per scenario (default: its own)")
+    parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, help="device peak, for MFU (H100 bf16: 989)")
-    parser.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=list(CONFIGS),
+        help="configurations to run (default: " + ", ".join(DEFAULT_CONFIGS) + ")",
+    )
+    parser.add_argument(
+        "--levers", action="store_true", help="also run preftune with each lever off"
+    )
     parser.add_argument("--profile", help="run one configuration once under cProfile instead")
     parser.add_argument("--preftune-override", action="append", default=[])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", default="hh", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -330,20 +404,37 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        make_data(
-            work / "pairs.jsonl", args.pairs, args.prompt_tokens, args.response_tokens, args.seed
-        )
+        for name in args.scenarios:
+            scenario = SCENARIOS[name]
+            if args.pairs:
+                SCENARIOS[name] = scenario = Scenario(
+                    scenario.prompt_tokens,
+                    scenario.response_tokens,
+                    scenario.batch_size,
+                    args.pairs,
+                )
+            (work / name).mkdir()
+            make_data(work / name / "pairs.jsonl", scenario, args.seed)
         params = make_model(work / "model", args)
         if args.profile:
+            args.scenario = args.scenarios[-1]
             profile(args.profile, work, args)
             return
-        names = args.only or list(CONFIGS)
-        results: dict[str, list[dict]] = {name: [] for name in names}
+        configs = list(args.only or DEFAULT_CONFIGS)
+        if args.levers:
+            configs += [f"preftune, no {lever}" for lever in LEVERS]
+        results = {name: {config: [] for config in configs} for name in args.scenarios}
         for round_ in range(args.rounds):
-            for name in names if round_ % 2 == 0 else reversed(names):
-                results[name].append(launch(name, work, args))
-                print(f"round {round_ + 1}: {name}: {results[name][-1]}", file=sys.stderr)
-        report(results, args, params)
+            for name in args.scenarios:
+                for config in configs if round_ % 2 == 0 else reversed(configs):
+                    run = launch(config, name, work, args)
+                    results[name][config].append(run)
+                    print(f"round {round_ + 1}: {name}: {config}: {run}", file=sys.stderr)
+        summaries = [report(name, results[name], args, params) for name in args.scenarios]
+        print()
+        for line in summaries:
+            if line:
+                print(line)
 
 
 if __name__ == "__main__":

@@ -332,6 +332,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if float in kinds and isinstance(value, str):
         with contextlib.suppress(ValueError):
             return float(value)
-    if str in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if str in kinds and numeric and not {int, float} & set(kinds):
         return str(value)
     return value

@@ -93,7 +93,8 @@ def check_fields(config: Any, section: str = "") -> None:
         _check_type(key, value, hints[f.name])
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
         for index, item in items:
-            _check_choice(key, item, f.metadata.get("choices", ()))
+            if not (_is_number(item) and _takes_numbers(hints[f.name])):
+                _check_choice(key, item, f.metadata.get("choices", ()), hints[f.name])
             if _is_number(item):
                 bounds = f.metadata.get("bounds", Bounds())
                 _check_range(key if index is None else f"{key}[{index}]", item, bounds)
@@ -145,6 +146,11 @@ def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else hint.__name__
 
 
+def _takes_numbers(hint: Any) -> bool:
+    """A field that takes a number or a named choice (``int | str``, choices ``("auto",)``)."""
+    return bool({int, float} & set(_kinds(hint)))
+
+
 def _kinds(hint: Any) -> tuple[Any, ...]:
     return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
 
@@ -162,11 +168,16 @@ def _check_type(key: str, value: Any, hint: Any) -> None:
     raise ConfigError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
 
 
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+def _check_choice(key: str, value: Any, choices: tuple[str, ...], hint: Any) -> None:
     if choices and value not in choices:
+        if _takes_numbers(hint):
+            numbers = " or ".join(k.__name__ for k in _kinds(hint) if k in (int, float))
+            raise ConfigError(
+                f"config key '{key}' must be {numbers} or {' or '.join(choices)}, got {value!r}"
+            )
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}{hint}")
+        suggestion = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}{suggestion}")
 
 
 def _check_range(key: str, value: float, bounds: Bounds) -> None:

@@ -25,8 +25,10 @@ from preftune.config import load_config
 from preftune.data.encode import Budget, EncodedPair, encode_pairs
 from preftune.data.readers import load_pairs
 from preftune.losses.settings import LossSettings
+from preftune.models import attention
 from preftune.models.layout_check import alone_logps
 from preftune.models.load import ModelSpec, load_model
+from preftune.models.logps import AUTO, chunk_rows_of
 from preftune.models.reference import FrozenCopy
 from preftune.objectives.dpo import PairedObjective
 from preftune.objectives.settings import SpeedSettings
@@ -35,9 +37,11 @@ from tests.architectures import ARCHITECTURES, INEXPRESSIBLE, TOKENIZER, build, 
 from tests.conftest import SAMPLE_SFT, SAMPLE_TRAIN, read_metrics
 
 PAD = TOKENIZER.pad_token_id
+DOCUMENT_ATTENTION = attention.document_attention
 NAMES = list(ARCHITECTURES)
-# Every combination of the levers: prefix sharing, packing, chunked output layer.
-LEVERS = list(itertools.product([False, True], [False, True], [0, 7]))
+# Every combination of the levers: prefix sharing, packing, chunked output layer (by 7, or all
+# at once when they fit), attention by documents or through the dense mask.
+LEVERS = list(itertools.product([False, True], [False, True], [0, 7, AUTO], [True, False]))
 
 
 def random_pairs(count: int = 6, seed: int = 0) -> list[EncodedPair]:
@@ -72,11 +76,11 @@ def test_every_layout_scores_each_sequence_as_alone(name: str) -> None:
     )
     pairs = random_pairs()
     truth = alone(model, pairs)
-    for share, packing, chunk in LEVERS:
+    for share, packing, chunk, documents in LEVERS:
         with torch.no_grad():
-            logps, counts = score(model, pairs, PairScoring(share, packing, 0, chunk))
+            logps, counts = score(model, pairs, PairScoring(share, packing, 0, chunk, documents))
         error = (logps - truth).abs().max().item()
-        assert error < 1e-4, (name, share, packing, chunk, error)
+        assert error < 1e-4, (name, share, packing, chunk, documents, error)
         lengths = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
         assert counts.tolist() == lengths
 
@@ -86,14 +90,61 @@ def test_layout_gradients_equal_the_plain_path(name: str) -> None:
     model = build(name).eval()
     pairs = random_pairs(seed=1)
     grads = []
-    for scoring in (PairScoring(), PairScoring(True, True, 0, 7)):
+    for scoring in (
+        PairScoring(),
+        PairScoring(True, True, 0, 7),
+        PairScoring(True, True, 0, AUTO, documents=False),
+        PairScoring(False, True, 0, AUTO),
+    ):
         model.zero_grad()
         logps, _ = score(model, pairs, scoring)
         # Different weights per sequence, so a misplaced sequence changes the gradient.
         (logps * torch.arange(1, len(logps) + 1)).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-    for plain, laid_out in zip(*grads, strict=True):
-        torch.testing.assert_close(laid_out, plain, rtol=1e-4, atol=1e-4)
+    plain, *others = grads
+    for laid_out in others:
+        for expected, got in zip(plain, laid_out, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def plain_causal_layers(model: torch.nn.Module) -> int:
+    """How many of the model's layers attend under sdpa with nothing but the causal mask: no
+    window, on any layer or on the layers of its sliding type."""
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        return 0
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types.count("full_attention")
+    return 0 if getattr(config, "sliding_window", None) else config.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_causal_layers_attend_by_documents_and_the_rest_by_their_masks(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The document kernel serves exactly the layers whose mask is the plain causal one: a
+    windowed layer (or a kernel other than sdpa) keeps its own mask, and the scores stay exact
+    either way (the test above)."""
+    calls = []
+    monkeypatch.setattr(
+        attention,
+        "document_attention",
+        lambda *args: calls.append(args[3]) or DOCUMENT_ATTENTION(*args),
+    )
+    model = build(name).eval()
+    pairs = random_pairs()
+    with torch.no_grad():
+        score(model, pairs, PairScoring(True, True, 0, AUTO))
+        assert len(calls) == plain_causal_layers(model), name
+        if calls:  # every row's calls tile it; each rejected response has a masked call
+            for runs, row_calls in calls[0].rows:
+                assert sum(call.queries for call in row_calls) == sum(runs)
+            masked = [c for _, row in calls[0].rows for c in row if c.allowed is not None]
+            assert len(masked) == len(pairs)
+        calls.clear()
+        score(model, pairs, PairScoring(True, True, 0, AUTO, documents=False))
+        assert not calls
 
 
 def test_windows_cut_some_sequences_and_exceed_others() -> None:
@@ -113,7 +164,9 @@ def test_windows_cut_some_sequences_and_exceed_others() -> None:
 def test_layouts_turn_off_where_they_cannot_be_exact(name: str) -> None:
     model = build(name).eval()
     scoring, line = choose_scoring(model, SpeedSettings())
-    assert not scoring.laid_out and scoring.logits_chunk == SpeedSettings().logits_chunk
+    assert not scoring.laid_out and scoring.logits_chunk == chunk_rows_of(
+        SpeedSettings().logits_chunk
+    )
     assert line is not None and line.startswith("speed.prefix_sharing and speed.packing: off")
     assert "\n" not in line
     pairs = random_pairs()

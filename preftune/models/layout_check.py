@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 SHAPES = ((6, 5, 3), (3, 4, 6), (9, 2, 4))
 
 
-def layout_error(model: torch.nn.Module, share_prefix: bool, packing: bool) -> str | None:
-    """Why laid-out pairs would not score as each sequence alone on ``model``, or None."""
+def layout_error(
+    model: torch.nn.Module, share_prefix: bool, packing: bool, documents: bool = True
+) -> str | None:
+    """Why laid-out pairs would not score as each sequence alone on ``model`` (attending by
+    ``documents`` or not, see :func:`~preftune.models.attention.layout_attention`), or None."""
     inner = inner_model(model)
     if "position_ids" not in inspect.signature(inner.forward).parameters:
         return "its forward takes no position ids"
@@ -44,7 +47,7 @@ def layout_error(model: torch.nn.Module, share_prefix: bool, packing: bool) -> s
             sequences = int(batch["num_sequences"].sum())
             index, target, seq = batch["score_index"], batch["score_target"], batch["score_seq"]
             positions = ScoredPositions(index, target, seq, sequences, chunk_rows=0)
-            with layout_attention(inner, batch) as (inputs, counter):
+            with layout_attention(inner, batch, documents) as (inputs, counter):
                 laid_out = positions.forward(inner, {"input_ids": batch["input_ids"], **inputs})
             if counter.requests == 0:
                 return "it builds its attention masks without transformers' mask functions"

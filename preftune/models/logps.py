@@ -11,6 +11,34 @@ from torch.utils.checkpoint import checkpoint
 from preftune.models.attention import inner_model, layout_attention
 
 IGNORE = -100
+# ``chunk_rows`` meaning "chunked only when the logits would not fit" (``speed.logits_chunk=auto``)
+AUTO = -1
+# Response positions per chunk when the logits are chunked and no size is given.
+CHUNK = 1024
+# Bytes per (position, vocabulary entry) while scoring: the logits in float32, their
+# log-softmax kept for backward, its gradient, and the layer's own output.
+SCORING_BYTES = 16
+
+
+def chunk_rows_of(setting: int | str) -> int:
+    """``speed.logits_chunk`` as ``chunk_rows``: ``auto`` as :data:`AUTO`, a number as it is."""
+    return AUTO if setting == "auto" else int(setting)
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes the logits of one micro-batch may take at once: a quarter of the memory free on
+    ``device`` now (of the memory the system reports available, on a CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 30
 
 
 def sequence_logps(
@@ -21,13 +49,13 @@ def sequence_logps(
     ``batch`` holds ``input_ids``, ``attention_mask`` (2-D) and unshifted ``labels`` (``-100``
     where a token is not scored), each (rows, length). Returns two (rows,) tensors: summed
     log-probs in float32 and token counts. ``chunk_rows`` 0 scores from the model's own logits
-    (the plain computation); > 0 runs the output layer on the labelled positions only, in
-    chunks, as :func:`layout_logps` does.
+    (the plain computation); otherwise the output layer runs on the labelled positions only, as
+    :func:`layout_logps` does.
     """
     labels = batch["labels"][:, 1:]
     scored = labels != IGNORE
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if chunk_rows <= 0:
+    if chunk_rows == 0:
         logits = model(**inputs, use_cache=False).logits
         token_logps = -F.cross_entropy(
             logits[:, :-1].float().flatten(0, 1),
@@ -43,7 +71,10 @@ def sequence_logps(
 
 
 def layout_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int = 0
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    chunk_rows: int = 0,
+    documents: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and token counts per sequence of a batch from ``layout_pairs``.
 
@@ -51,15 +82,18 @@ def layout_logps(
     (see :func:`~preftune.models.attention.layout_attention`); the output layer then runs only
     on the positions that predict a response token. ``chunk_rows`` > 0 takes those positions
     that many at a time and recomputes each chunk's logits in the backward pass, so no
-    (tokens × vocabulary) tensor larger than one chunk ever exists; 0 applies the output layer
-    to every position of every row at once, as a plain forward does.
+    (tokens × vocabulary) tensor larger than one chunk ever exists; :data:`AUTO` takes them all
+    at once, kept for backward, when their logits fit in :func:`memory_budget`, and chunks them
+    by :data:`CHUNK` when not; 0 applies the output layer to every position of every row at
+    once, as a plain forward does. ``documents``: see
+    :func:`~preftune.models.attention.layout_attention`.
     """
     sequences = int(batch["num_sequences"].sum())
     seq = batch["score_seq"]
     positions = ScoredPositions(
         batch["score_index"], batch["score_target"], seq, sequences, chunk_rows
     )
-    with layout_attention(model, batch) as (inputs, _):
+    with layout_attention(model, batch, documents) as (inputs, _):
         sums = positions.forward(model, {"input_ids": batch["input_ids"], **inputs})
     return sums, torch.bincount(seq, minlength=sequences)
 
@@ -75,20 +109,25 @@ def _scored_sums(
 ) -> torch.Tensor:
     """(sequences,) float32: the log-prob of each ``target`` token, predicted by the final hidden
     state at flat position ``index``, summed per sequence ``seq``."""
+    if chunk_rows == AUTO:
+        need = index.numel() * head.vocabulary * SCORING_BYTES
+        chunk_rows = CHUNK if need > memory_budget(hidden.device) else 0
+        recompute = chunk_rows > 0
+        chunk_rows = chunk_rows or max(index.numel(), 1)
+    else:
+        recompute = True
     if chunk_rows > 0:
         hidden = hidden.flatten(0, 1).index_select(0, index)
-        token_logps = (
-            torch.cat(
-                [
-                    _checkpointed(
-                        head, hidden[start : start + chunk_rows], target[start:][:chunk_rows]
-                    )
-                    for start in range(0, hidden.shape[0], chunk_rows)
-                ]
+        parts = [
+            _checkpointed(
+                head, hidden[start : start + chunk_rows], target[start:][:chunk_rows], recompute
             )
-            if hidden.shape[0]
-            else hidden.new_zeros(0, dtype=torch.float32)
-        )
+            for start in range(0, hidden.shape[0], chunk_rows)
+        ]
+        if not parts:
+            token_logps = hidden.new_zeros(0, dtype=torch.float32)
+        else:
+            token_logps = parts[0] if len(parts) == 1 else torch.cat(parts)
     else:
         logits = head.logits(hidden).flatten(0, 1).index_select(0, index)
         token_logps = -F.cross_entropy(logits, target, reduction="none")
@@ -96,8 +135,11 @@ def _scored_sums(
     return sums.index_add(0, seq, token_logps.float())
 
 
-def _checkpointed(head: OutputLayer, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if not torch.is_grad_enabled():
+def _checkpointed(
+    head: OutputLayer, hidden: torch.Tensor, target: torch.Tensor, recompute: bool
+) -> torch.Tensor:
+    """The chunk's token log-probs; recomputed in backward with ``recompute`` (under grad)."""
+    if not (recompute and torch.is_grad_enabled()):
         return head.token_logps(hidden, target)
     return checkpoint(head.token_logps, hidden, target, use_reentrant=False)
 
@@ -108,6 +150,7 @@ class OutputLayer:
     def __init__(self, model: torch.nn.Module) -> None:
         inner = inner_model(model)
         self.layer: torch.nn.Module = inner.get_output_embeddings()
+        self.vocabulary = int(self.layer.weight.shape[0])
         config = inner.config
         self.scale = getattr(config, "logit_scale", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)

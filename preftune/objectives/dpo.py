@@ -56,8 +56,12 @@ class PairedObjective:
         self.reference = reference
         self.pad_id = pad_id
         self.scoring = scoring = scoring or PairScoring()
-        score = layout_logps if scoring.laid_out else sequence_logps
-        self.score = partial(score, chunk_rows=scoring.logits_chunk)
+        if scoring.laid_out:
+            self.score = partial(
+                layout_logps, chunk_rows=scoring.logits_chunk, documents=scoring.documents
+            )
+        else:
+            self.score = partial(sequence_logps, chunk_rows=scoring.logits_chunk)
 
     def collate(self, examples: list[EncodedPair]) -> Batch:
         s = self.scoring

@@ -25,10 +25,18 @@ class LayoutSettings:
     pack_length: int = option(
         0, "longest packed row in tokens (0: the longest pair's length)", at_least=0
     )
-    logits_chunk: int = option(
-        1024,
-        "response positions per chunk through the output layer, recomputed in backward "
-        "(0: logits of every position at once)",
+    attention: str = option(
+        "documents",
+        "how laid-out rows attend under sdpa: documents (a kernel call per document, no work on "
+        "other documents' positions) or dense (one call per layer under the rows' full masks)",
+        ("documents", "dense"),
+    )
+    logits_chunk: int | str = option(
+        "auto",
+        "the output layer on response positions only, N of them per chunk recomputed in "
+        "backward (auto: chunked only when a micro-batch's logits would not fit in memory; "
+        "0: logits of every position at once, the plain computation)",
+        ("auto",),
         at_least=0,
     )
 

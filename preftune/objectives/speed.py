@@ -15,6 +15,7 @@ from preftune.models.attention import (
     is_varlen,
 )
 from preftune.models.layout_check import layout_error
+from preftune.models.logps import chunk_rows_of
 from preftune.objectives.settings import LayoutSettings
 
 
@@ -29,6 +30,7 @@ class PairScoring:
     packing: bool = False
     pack_length: int = 0
     logits_chunk: int = 0
+    documents: bool = True
 
     @classmethod
     def from_config(cls, speed: LayoutSettings) -> PairScoring:
@@ -36,7 +38,8 @@ class PairScoring:
             prefix_sharing=speed.prefix_sharing,
             packing=speed.packing,
             pack_length=speed.pack_length,
-            logits_chunk=speed.logits_chunk,
+            logits_chunk=chunk_rows_of(speed.logits_chunk),
+            documents=speed.attention == "documents",
         )
 
     @property
@@ -53,16 +56,14 @@ def choose_scoring(model: torch.nn.Module, speed: LayoutSettings) -> tuple[PairS
     pairs (:func:`~preftune.models.layout_check.layout_error`): if laid-out pairs would not score
     as each sequence alone, both layout levers are turned off.
     """
-    scoring = PairScoring(
-        speed.prefix_sharing, speed.packing, speed.pack_length, speed.logits_chunk
-    )
+    scoring = PairScoring.from_config(speed)
     if not scoring.laid_out:
         return scoring, None
     kernel = attention_kernel(model)
     check_kernel(kernel, scoring.prefix_sharing)
     if is_varlen(kernel):
         return replace(scoring, pack_length=VARLEN_ROW), None
-    reason = layout_error(model, scoring.prefix_sharing, scoring.packing)
+    reason = layout_error(model, scoring.prefix_sharing, scoring.packing, scoring.documents)
     if reason is None:
         return scoring, None
     levers = [
