@@ -90,7 +90,7 @@ def check_fields(config: Any, section: str = "") -> None:
     for f in dataclasses.fields(config):
         key = f"{section}.{f.name}" if section else f.name
         value = _settled(getattr(config, f.name), hints[f.name])
-        _check_type(key, value, hints[f.name])
+        _check_type(key, value, hints[f.name], f.metadata.get("choices", ()))
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
         for index, item in items:
             if not (_is_number(item) and _takes_numbers(hints[f.name])):
@@ -160,21 +160,27 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_type(key: str, value: Any, hint: Any) -> None:
+def _check_type(key: str, value: Any, hint: Any, choices: tuple[str, ...] = ()) -> None:
     if _conforms(value, hint):
         return
     if value is None:
         raise ConfigError(f"config key '{key}' cannot be null")
-    raise ConfigError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
+    raise ConfigError(f"config key '{key}' must be {_wanted(hint, choices)}, got {value!r}")
+
+
+def _wanted(hint: Any, choices: tuple[str, ...]) -> str:
+    """What a field takes, in words; a number or a name as ``int or auto``."""
+    if not (choices and _takes_numbers(hint)):
+        return _type_name(hint)
+    return " or ".join(
+        " or ".join(choices) if kind is str else _type_name(kind) for kind in _kinds(hint)
+    )
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...], hint: Any) -> None:
     if choices and value not in choices:
         if _takes_numbers(hint):
-            numbers = " or ".join(k.__name__ for k in _kinds(hint) if k in (int, float))
-            raise ConfigError(
-                f"config key '{key}' must be {numbers} or {' or '.join(choices)}, got {value!r}"
-            )
+            raise ConfigError(f"config key '{key}' must be {_wanted(hint, choices)}, got {value!r}")
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
         suggestion = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}{suggestion}")

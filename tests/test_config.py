@@ -138,7 +138,8 @@ def refusal(key: str, hint: Any, shown: str) -> str:
     range named), a type error for an int."""
     if float in scalar_kinds(hint):
         return rf"^{re.escape(key)}(\[0\])? must be finite and .+, got {re.escape(shown)}$"
-    return rf"^config key '{re.escape(key)}' must be int( or null)?, got '?{re.escape(shown)}'?$"
+    name = "int( or null| or auto)?"
+    return rf"^config key '{re.escape(key)}' must be {name}, got '?{re.escape(shown)}'?$"
 
 
 def test_the_generated_cases_cover_every_section() -> None:

@@ -5,17 +5,16 @@ training then saving (the keys of a run: :mod:`preftune.commands.configs`; the d
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import huggingface_hub
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
@@ -34,7 +33,7 @@ from preftune.train.card import write_model_card
 from preftune.train.checkpoint import ResumePoint
 from preftune.train.loop import Run, train
 from preftune.train.metrics_log import summary_line
-from preftune.train.plots import plot_metrics
+from preftune.train.plots import Drawing
 from preftune.train.resume import find_resume_point, run_identity
 from preftune.train.run_dir import mark
 from preftune.train.settings import LogSettings
@@ -59,10 +58,23 @@ def use_log_settings(settings: LogSettings) -> None:
         return
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
+    _quiet_datasets()
     huggingface_hub.utils.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()
+
+
+def _quiet_datasets() -> None:
+    """datasets' progress bars off and its messages to errors only; without importing it (it
+    takes half a second) when nothing has yet: it reads the same settings from the environment
+    when it is imported."""
+    if "datasets" not in sys.modules:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["DATASETS_VERBOSITY"] = "error"
+        return
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
@@ -269,15 +281,17 @@ def _save_model(
         elif cfg.model.quantization != "none":
             # The adapters go into the full-precision weights, not the quantized ones.
             whole = rebuilt(cfg, command, tokenizer)
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
             set_peft_model_state_dict(whole, get_peft_model_state_dict(model))
             model = whole
         if is_lora(model):
             model = save_merged(model, output_dir)
+    drawing = Drawing(output_dir)  # drawn while the model is written
     state.save_pretrained(acc, model, output_dir, gathered, cfg.train.max_shard_size)
     tokenizer.save_pretrained(output_dir)
-    try:
-        plot_metrics(output_dir)
-    except PreftuneError as missing:
+    missing = drawing.wait()
+    if missing is not None:
         acc.print(f"no metrics.png: {missing}")
     write_model_card(output_dir, command, cfg.model.path, config, metrics)
     acc.print(f"saved the {command} model to {output_dir}")

@@ -51,7 +51,7 @@ from preftune.objectives.settings import ReferenceSettings
 from preftune.objectives.speed import choose_scoring
 from preftune.train import placement
 from preftune.train.run_dir import claimed
-from preftune.train.sources import micro_batch_size
+from preftune.train.sources import examples_drawn, micro_batch_size
 
 
 def run_dpo(cfg: DPOConfig) -> dict[str, float]:
@@ -238,7 +238,8 @@ def _with_cached_reference(
         reuse=cfg.model.quantization == "none",
     )
     path = root / f"{cache_key(reference_hash, train_set, dtype)}.safetensors"
-    train_set = reference.attach(train_set, path, "train")
+    drawn = examples_drawn(len(train_set), cfg.train, cfg.seed)
+    train_set = reference.attach(train_set, path, "train", drawn)
     if eval_set is not None:
         path = root / f"{cache_key(reference_hash, eval_set, dtype)}.safetensors"
         eval_set = reference.attach(eval_set, path, "eval")

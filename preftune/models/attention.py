@@ -22,10 +22,10 @@ single packed row (the variable-length route), which expresses packing but not p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +161,7 @@ def _install_document_attention() -> None:
 def _sdpa(module, query, key, value, attention_mask, *args: Any, **kwargs: Any):
     segments = getattr(attention_mask, SEGMENTS, None)
     if segments is None or not _plain_layer(query, key, kwargs):
-        sdpa = ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+        sdpa = cast(Callable[..., Any], ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"])
         return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
     dropout = kwargs.get("dropout", args[0] if args else 0.0)
     scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)

@@ -7,14 +7,20 @@ pass, and is then freed. The values are stored under a key that hashes everythin
 on: the reference's weights and architecture (its base's and adapter's), the token ids of every
 pair (so the tokenizer, the data and the truncation settings) and the compute dtype. A later run
 or epoch with the same key reads them back.
+
+A run scores only the pairs it will draw (a 1-step run, one batch); the others stay unfilled
+(NaN) in the cache, and a later run with the same key (a longer one, or a resumed run that was
+extended) scores the ones it lacks and adds them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -78,11 +84,19 @@ def adapter_digest(base_hash: str, model: PeftModel, adapter: str) -> str:
 
 
 def _hash_tensors(digest: hashlib.blake2b, tensors: dict[str, torch.Tensor]) -> None:
-    """Add each of ``tensors`` to ``digest``, by name: its dtype, shape and bytes."""
-    for name, tensor in sorted(tensors.items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    """Add each of ``tensors`` to ``digest``, by name: its dtype, shape and bytes. Each tensor
+    is hashed on its own, on threads of a pool (hashing lets go of the GIL), straight from its
+    memory; ``digest`` takes their digests in order of name."""
+    named = sorted(tensors.items())
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for (name, tensor), hashed in zip(named, pool.map(_tensor_digest, named), strict=True):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode() + hashed)
+
+
+def _tensor_digest(item: tuple[str, torch.Tensor]) -> bytes:
+    tensor = item[1].detach().to("cpu").contiguous()
+    data = tensor.view(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(data.data, digest_size=16).digest()
 
 
 def _plain(value: Any) -> Any:
@@ -125,6 +139,8 @@ class WithReference(Sequence[EncodedPair]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         chosen, rejected = self._rows[index].tolist()
+        if math.isnan(chosen):
+            raise RuntimeError(f"pair {index} was drawn, but its reference was never scored")
         return replace(self.examples[index], reference_logps=(chosen, rejected))
 
 
@@ -144,44 +160,68 @@ class ReferencePass:
     differently once a model has run them, so log-probs computed by another run would not
     match this run's (each run computes its own, once, before training)."""
 
-    def attach(self, examples: Sequence[EncodedPair], path: Path, label: str) -> WithReference:
-        """``examples`` carrying their reference log-probabilities, read from ``path`` when it
-        exists, else computed and written there (computed alone without ``reuse``)."""
+    def attach(
+        self,
+        examples: Sequence[EncodedPair],
+        path: Path,
+        label: str,
+        needed: Sequence[int] | None = None,
+    ) -> WithReference:
+        """``examples`` carrying their reference log-probabilities: those of the pairs
+        ``needed`` (every pair when None) read from ``path`` where it holds them, the rest of
+        them computed and added there (computed alone without ``reuse``); pairs not needed are
+        left unscored."""
         acc = self.acc
+        needed = range(len(examples)) if needed is None else needed
+        values = torch.full((len(examples), 2), math.nan)
         if not self.reuse:
             acc.print(f"{label}: reference log-probs computed for this run (quantized weights)")
-            return WithReference(examples, self.compute(examples, label))
+            values[list(needed)] = self.compute(examples, label, needed).cpu()
+            return WithReference(examples, values)
         # Read by the main process and sent to the others: no other node needs the file.
-        values = decide_on_main(acc, lambda: _read_cache(path, len(examples)))
-        if isinstance(values, torch.Tensor):
+        cached = decide_on_main(acc, lambda: _read_cache(path, len(examples)))
+        if isinstance(cached, str):
+            acc.print(f"{label}: the reference cache {path} {cached}; computing it again")
+        elif cached is not None:
+            values = cached
+        wanted = torch.as_tensor(list(needed), dtype=torch.long)
+        missing = wanted[values[wanted, 0].isnan()].tolist()
+        if not missing:
             acc.print(f"{label}: reference log-probs from the cache ({path})")
-        else:
-            if values is not None:
-                acc.print(f"{label}: the reference cache {path} {values}; computing it again")
-            values = self.compute(examples, label)
-            if acc.is_main_process:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with replaced_atomically(path) as partial:
-                    save_file({"logps": values.cpu().contiguous()}, partial)
-            acc.wait_for_everyone()
+            return WithReference(examples, values)
+        if len(missing) < len(needed):
+            acc.print(
+                f"{label}: reference log-probs of {len(needed) - len(missing)} pairs from the "
+                f"cache ({path}), {len(missing)} computed"
+            )
+        values[missing] = self.compute(examples, label, missing).cpu()
+        if acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with replaced_atomically(path) as partial:
+                save_file({"logps": values.contiguous()}, partial)
+        acc.wait_for_everyone()
         return WithReference(examples, values)
 
     @torch.no_grad()
-    def compute(self, examples: Sequence[EncodedPair], label: str) -> torch.Tensor:
-        """(pairs, 2) summed reference log-probs of chosen and rejected; each process scores
-        every ``num_processes``-th pair and a sum over processes assembles the whole table."""
+    def compute(
+        self, examples: Sequence[EncodedPair], label: str, indices: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """(pairs, 2) summed reference log-probs of chosen and rejected of the pairs at
+        ``indices`` (all when None), in that order; each process scores its share of them and
+        a sum over processes assembles the whole table."""
         acc, model = self.acc, self.model
+        indices = range(len(examples)) if indices is None else indices
         was_training = model.training
         model.eval()
-        values = torch.zeros(len(examples), 2, dtype=torch.float32, device=acc.device)
+        values = torch.zeros(len(indices), 2, dtype=torch.float32, device=acc.device)
         lockstep = isinstance(model, FSDPModule)
         parts = process_parts(
-            len(examples), acc.process_index, acc.num_processes, self.batch_size, lockstep
+            len(indices), acc.process_index, acc.num_processes, self.batch_size, lockstep
         )
         shown = acc.is_main_process and bars_shown()
         bar = tqdm(parts, desc=f"reference log-probs ({label})", disable=not shown)
         for part in bar:
-            batch = self.collate([examples[i] for i in part or [0]])
+            batch = self.collate([examples[i] for i in [indices[i] for i in part] or [0]])
             batch = {key: value.to(acc.device) for key, value in batch.items()}
             with acc.autocast():
                 sums, _ = self.score(model, batch)

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from preftune.models.generate import Sampling, generate_ids
 from preftune.train.settings import TrainSettings
-from preftune.train.state import lockstep
+from preftune.train.state import lockstep, unwrapped
 
 
 def continue_prompts(
@@ -30,8 +30,8 @@ def continue_prompts(
     """One record per example with a prompt (``row``, ``prompt``, ``completion``), on the main
     process; an empty list elsewhere, and for a model that does not generate (a reward
     model)."""
-    unwrapped = acc.unwrap_model(model)
-    can_generate = getattr(unwrapped, "can_generate", None)
+    plain = unwrapped(acc, model)
+    can_generate = getattr(plain, "can_generate", None)
     prompted = [e for e in examples if getattr(e, "prompt_ids", None)]
     if not prompted or can_generate is None or not can_generate():
         return []
@@ -39,7 +39,7 @@ def continue_prompts(
         return []
     settings = Sampling(max_new_tokens=cfg.eval_sample_tokens, do_sample=False)
     prompts = [list(e.prompt_ids) for e in prompted]
-    continued = generate_ids(unwrapped, prompts, tokenizer, settings, batch_size=len(prompts))
+    continued = generate_ids(plain, prompts, tokenizer, settings, batch_size=len(prompts))
     if not acc.is_main_process:
         return []
     return [

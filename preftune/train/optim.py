@@ -19,9 +19,28 @@ def build_optimizer(
     model, then any module an objective trains besides it)."""
     groups = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in modules]
     groups = [group for group in groups if group["params"]]
+    plain = _plain([p for group in groups for p in group["params"]])
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # RMSprop has no fused kernel: its multi-tensor one where AdamW's would be fused.
+        return torch.optim.RMSprop(
+            groups,
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            foreach=True if plain else None,
+        )
+    return torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True if plain else None
+    )
+
+
+def _plain(params: Sequence[torch.Tensor]) -> bool:
+    """Whether AdamW's fused kernel (one kernel for every tensor, where torch's default on a CPU
+    is a loop over tensors) serves ``params``: plain floating-point tensors on a CPU or a CUDA
+    device. Any other (sharded DTensors, other devices) gets torch's own choice."""
+    return bool(params) and all(
+        type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
 
 
 def build_scheduler(

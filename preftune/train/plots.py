@@ -1,8 +1,14 @@
-"""A run's training curves as a picture: ``output_dir/metrics.png``, from ``metrics.jsonl``."""
+"""A run's training curves as a picture: ``output_dir/metrics.png``, from ``metrics.jsonl``.
+
+At the end of a run the picture is drawn on a thread of its own (:class:`Drawing`) while the run
+writes its model, so plotting (matplotlib takes a while to import and draw) is off the run's
+critical path. It draws on a figure of its own, never through pyplot's global state.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +53,12 @@ def plot_metrics(output_dir: Path) -> Path | None:
     panels = [(title, keys) for title, keys in PANELS if any(keys[0] in r for r in records)]
     if not panels:
         return None
-    plt = pyplot("plotting metrics")
-    figure, _ = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
-    for ax, (title, keys) in zip(figure.axes, panels, strict=True):
+    pyplot("plotting metrics")  # matplotlib, or the line saying how to get it
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4 * len(panels), 3.4), dpi=110)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, keys) in zip(axes, panels, strict=True):
         for key in keys:
             label = key.removeprefix("rewards/")
             train = [(r["step"], r[key]) for r in records if r.get(key) is not None]
@@ -68,5 +77,24 @@ def plot_metrics(output_dir: Path) -> Path | None:
     figure.tight_layout()
     path = output_dir / "metrics.png"
     figure.savefig(path)
-    plt.close(figure)
     return path
+
+
+class Drawing:
+    """``output_dir/metrics.png`` being drawn on a thread of its own, started now."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.missing: str | None = None
+        self.thread = threading.Thread(target=self._draw, args=(output_dir,), daemon=True)
+        self.thread.start()
+
+    def _draw(self, output_dir: Path) -> None:
+        try:
+            plot_metrics(output_dir)
+        except PreftuneError as error:
+            self.missing = str(error)
+
+    def wait(self) -> str | None:
+        """Once drawn: None, or the line saying why there is no picture."""
+        self.thread.join()
+        return self.missing

@@ -162,11 +162,34 @@ class StepSampler:
         """Indices of the examples of 1-based optimizer step ``step``."""
         epoch, position = divmod(step - 1, self.steps_per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._order = torch.randperm(self.num_examples, generator=generator)
+            self._order = self.epoch_order(epoch)
             self._epoch = epoch
         start = position * self.batch_size
         return self._order[start : start + self.batch_size].tolist()
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The examples of 0-based ``epoch`` in the order its steps take them."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_examples, generator=generator)
+
+    def drawn(self, steps: int) -> list[int]:
+        """The examples steps 1 to ``steps`` take, each once, in increasing order."""
+        taken = torch.zeros(self.num_examples, dtype=torch.bool)
+        if self.steps_per_epoch:
+            for epoch in range(-(-steps // self.steps_per_epoch)):
+                in_epoch = min(steps - epoch * self.steps_per_epoch, self.steps_per_epoch)
+                taken[self.epoch_order(epoch)[: in_epoch * self.batch_size]] = True
+                if bool(taken.all()):
+                    break
+        return taken.nonzero()[:, 0].tolist()
+
+
+def examples_drawn(num_examples: int, cfg: TrainSettings, seed: int) -> list[int]:
+    """The examples a run of ``cfg`` over a list of ``num_examples`` draws in all its steps
+    (:class:`ExampleBatches`'s order), each once, in increasing order."""
+    sampler = StepSampler(num_examples, cfg.batch_size, seed)
+    steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch
+    return sampler.drawn(steps)
 
 
 def process_share(indices: list[int], process_index: int, num_processes: int) -> list[int]:

@@ -132,9 +132,9 @@ def save(
             return
 
         def write() -> None:
-            unwrapped = {name: acc.unwrap_model(module) for name, module in modules.items()}
+            plain = {name: unwrapped(acc, module) for name, module in modules.items()}
             checkpoint.save_checkpoint(
-                output_dir, step, unwrapped, optimizer, scheduler, keep, identity, tokenizer
+                output_dir, step, plain, optimizer, scheduler, keep, identity, tokenizer
             )
 
         decide_on_main(acc, write)
@@ -188,8 +188,8 @@ def load(
         scheduler.load_state_dict(checkpoint.load_training_state(path)["scheduler"])
         return checkpoint.read_state(path)
     if not is_sharded(model):
-        unwrapped = {name: acc.unwrap_model(module) for name, module in modules.items()}
-        return checkpoint.load_checkpoint(path, unwrapped, optimizer, scheduler)
+        plain = {name: unwrapped(acc, module) for name, module in modules.items()}
+        return checkpoint.load_checkpoint(path, plain, optimizer, scheduler)
     from torch.distributed.checkpoint import load as load_shards
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
@@ -257,10 +257,18 @@ def full_state_dict(acc: Accelerator, model: torch.nn.Module) -> dict[str, Any] 
     return get_model_state_dict(model, options=options)
 
 
+def unwrapped(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` out of any distributed or compiled wrapper (``accelerate``'s unwrapping, which
+    imports DeepSpeed whenever it is installed, only where there is something to unwrap)."""
+    if is_deepspeed(acc) or hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        return acc.unwrap_model(model)
+    return model
+
+
 def for_evaluation(acc: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The module evaluation runs its forward passes through: a sharded or partitioned model as
     it is (every process must take part in each forward), else the unwrapped one."""
-    return model if lockstep(acc, model) else acc.unwrap_model(model)
+    return model if lockstep(acc, model) else unwrapped(acc, model)
 
 
 def save_pretrained(
@@ -273,7 +281,7 @@ def save_pretrained(
     """``model`` as a Hugging Face model directory of safetensors files (split at
     ``max_shard_size``, with an index), from the main process; ``state_dict``, when given, is
     its gathered weights (see :func:`full_state_dict`)."""
-    module = acc.unwrap_model(model)
+    module: Any = unwrapped(acc, model)
     options: dict[str, Any] = {"safe_serialization": True, "max_shard_size": max_shard_size}
     if state_dict is not None:
         options["state_dict"] = checkpoint_contents.untied(module, state_dict)
