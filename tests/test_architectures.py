@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from preftune.data.encode import Budget, EncodedPair, encode_pairs
 from preftune.data.readers import load_pairs
 from preftune.losses.settings import LossSettings
 from preftune.models import attention
+from preftune.models.attention import VARLEN_ROW
 from preftune.models.layout_check import alone_logps
 from preftune.models.load import ModelSpec, load_model
 from preftune.models.logps import AUTO, chunk_rows_of
@@ -39,9 +41,16 @@ from tests.conftest import SAMPLE_SFT, SAMPLE_TRAIN, read_metrics
 PAD = TOKENIZER.pad_token_id
 DOCUMENT_ATTENTION = attention.document_attention
 NAMES = list(ARCHITECTURES)
-# Every combination of the levers: prefix sharing, packing, chunked output layer (by 7, or all
-# at once when they fit), attention by documents or through the dense mask.
-LEVERS = list(itertools.product([False, True], [False, True], [0, 7, AUTO], [True, False]))
+# Every combination of the levers: prefix sharing, packing (into rows as long as the longest
+# pair, or all into one row), chunked output layer (by 7, or all at once when they fit),
+# attention by documents or through the dense mask.
+LEVERS = [
+    (share, packing, length, chunk, documents)
+    for share, packing, length, chunk, documents in itertools.product(
+        [False, True], [False, True], [0, VARLEN_ROW], [0, 7, AUTO], [True, False]
+    )
+    if packing or not length
+]
 
 
 def random_pairs(count: int = 6, seed: int = 0) -> list[EncodedPair]:
@@ -69,18 +78,21 @@ def score(model: torch.nn.Module, pairs: list[EncodedPair], scoring: PairScoring
 @pytest.mark.parametrize("name", NAMES)
 def test_every_layout_scores_each_sequence_as_alone(name: str) -> None:
     model = build(name).eval()
-    # The layouts stand on this model: none is turned off behind the test's back.
+    # The layouts stand on this model: none is turned off behind the test's back. Where every
+    # layer attends document by document, a micro-batch is packed into one row.
+    one_row = plain_causal_layers(model) == model.config.num_hidden_layers
     assert choose_scoring(model, SpeedSettings()) == (
-        PairScoring.from_config(SpeedSettings()),
+        replace(PairScoring.from_config(SpeedSettings()), pack_length=VARLEN_ROW * one_row),
         None,
     )
     pairs = random_pairs()
     truth = alone(model, pairs)
-    for share, packing, chunk, documents in LEVERS:
+    for share, packing, length, chunk, documents in LEVERS:
         with torch.no_grad():
-            logps, counts = score(model, pairs, PairScoring(share, packing, 0, chunk, documents))
+            scoring = PairScoring(share, packing, length, chunk, documents)
+            logps, counts = score(model, pairs, scoring)
         error = (logps - truth).abs().max().item()
-        assert error < 1e-4, (name, share, packing, chunk, documents, error)
+        assert error < 1e-4, (name, scoring, error)
         lengths = [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
         assert counts.tolist() == lengths
 

@@ -10,11 +10,13 @@ chunking or whatever else its function encodes, and the mask takes whatever form
 needs (booleans for sdpa, additive floats for eager, a block mask for flex attention).
 
 Under sdpa, a layer whose mask is the plain causal one (the model's mask function is the causal
-function itself, and the layer adds no window, soft cap or sink) does not attend through the
+function itself, and the layer adds no window, soft cap or sink) does not attend through a
 dense (rows, 1, L, L) mask: :func:`document_attention` calls the kernel once per document with
 its own causal flag, and once per further branch of a prefix-shared document on the prompt's
-keys and its own, so no work is spent on pairs of positions the mask would hide. The mask is
-still built, for any layer (or model code) that needs it.
+keys and its own, so no work is spent on pairs of positions the mask would hide. Its mask is a
+placeholder of the right shape holding no memory, built dense only for a layer that turns out
+to need it; when the model asks for no other mask, a micro-batch is packed into one row
+(see :func:`~preftune.objectives.speed.choose_scoring`), so no position is padding.
 
 Flash-attention kernels take no mask: they read document boundaries from position ids in a
 single packed row (the variable-length route), which expresses packing but not prefix sharing.
@@ -25,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -76,11 +79,13 @@ def check_kernel(kernel: str, prefix_sharing: bool) -> None:
 
 
 class LayoutAttention:
-    """Counts the mask requests answered for laid-out rows: a forward that made none built its
-    masks some other way, and the layout did not reach it."""
+    """Counts the mask requests answered for laid-out rows (a forward that made none built its
+    masks some other way, and the layout did not reach it), and those answered with a dense
+    mask (the rest are attended document by document)."""
 
     def __init__(self) -> None:
         self.requests = 0
+        self.dense = 0
 
 
 @contextmanager
@@ -120,13 +125,21 @@ def layout_attention(
         # Never skip the mask in favour of a kernel's own causal flag, and build it by
         # broadcasting: every function involved is an index lookup.
         kwargs |= {"allow_is_causal_skip": False, "use_vmap": False}
-        mask = build(*args, mask_function=in_documents(mask_function), **kwargs)
-        if documents and mask_function is causal_mask_function and isinstance(mask, torch.Tensor):
-            if not segments:
-                segments.append(Segments(doc_ids, batch["branch"], mask.device))
-            # Carried by the mask itself, so a layer recomputed in backward (gradient
-            # checkpointing, after this context) attends as it did in the forward.
-            setattr(mask, SEGMENTS, segments[0])
+        dense = partial(build, *args, mask_function=in_documents(mask_function), **kwargs)
+        by_documents = documents and kernel == "sdpa" and mask_function is causal_mask_function
+        if not by_documents or args or "q_length" not in kwargs:
+            counter.dense += 1
+            return dense()
+        if not segments:
+            segments.append(Segments(doc_ids, branch, kwargs.get("device", doc_ids.device)))
+        # A mask of the right shape that holds no memory, carrying the documents (and how to
+        # build the dense mask, for a layer that turns out to need it). Carried by the mask
+        # itself, so a layer recomputed in backward (gradient checkpointing, after this
+        # context) attends as it did in the forward.
+        shape = (kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])
+        mask = torch.ones((), dtype=torch.bool, device=kwargs.get("device")).expand(shape)
+        setattr(mask, SEGMENTS, segments[0])
+        setattr(mask, DENSE, dense)
         return mask
 
     if documents and kernel == "sdpa":
@@ -145,8 +158,9 @@ def layout_attention(
             masks[kernel] = previous
 
 
-# The attribute of a plain causal layout mask that holds its rows' documents.
+# The attributes of a plain causal layout mask: its rows' documents, and how to build it dense.
 SEGMENTS = "_preftune_segments"
+DENSE = "_preftune_dense"
 
 
 def _install_document_attention() -> None:
@@ -161,6 +175,8 @@ def _install_document_attention() -> None:
 def _sdpa(module, query, key, value, attention_mask, *args: Any, **kwargs: Any):
     segments = getattr(attention_mask, SEGMENTS, None)
     if segments is None or not _plain_layer(query, key, kwargs):
+        if segments is not None:
+            attention_mask = getattr(attention_mask, DENSE)()
         sdpa = cast(Callable[..., Any], ALL_ATTENTION_FUNCTIONS._global_mapping["sdpa"])
         return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
     dropout = kwargs.get("dropout", args[0] if args else 0.0)

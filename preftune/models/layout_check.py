@@ -17,7 +17,7 @@ import torch
 
 from preftune.data.encode import EncodedPair
 from preftune.data.layout import layout_pairs
-from preftune.models.attention import inner_model, layout_attention
+from preftune.models.attention import LayoutAttention, inner_model, layout_attention
 from preftune.models.logps import ScoredPositions
 
 if TYPE_CHECKING:
@@ -28,14 +28,15 @@ if TYPE_CHECKING:
 SHAPES = ((6, 5, 3), (3, 4, 6), (9, 2, 4))
 
 
-def layout_error(
+def check_layout(
     model: torch.nn.Module, share_prefix: bool, packing: bool, documents: bool = True
-) -> str | None:
+) -> tuple[str | None, LayoutAttention | None]:
     """Why laid-out pairs would not score as each sequence alone on ``model`` (attending by
-    ``documents`` or not, see :func:`~preftune.models.attention.layout_attention`), or None."""
+    ``documents`` or not, see :func:`~preftune.models.attention.layout_attention`), or None;
+    and the mask requests the check's forward made (None when it made none)."""
     inner = inner_model(model)
     if "position_ids" not in inspect.signature(inner.forward).parameters:
-        return "its forward takes no position ids"
+        return "its forward takes no position ids", None
     pairs = _made_up_pairs(inner)
     batch = layout_pairs(pairs, 0, share_prefix, packing)
     device = next(inner.parameters()).device
@@ -50,7 +51,7 @@ def layout_error(
             with layout_attention(inner, batch, documents) as (inputs, counter):
                 laid_out = positions.forward(inner, {"input_ids": batch["input_ids"], **inputs})
             if counter.requests == 0:
-                return "it builds its attention masks without transformers' mask functions"
+                return "it builds its attention masks without transformers' mask functions", counter
             alone = torch.stack([alone_logps(inner, pair, device) for pair in pairs]).T.flatten()
     finally:
         inner.train(was_training)
@@ -61,8 +62,8 @@ def layout_error(
         return (
             "its attention depends on more than the tokens' positions and masks (made-up pairs "
             f"laid out score up to {error:.2g} nats from each sequence alone)"
-        )
-    return None
+        ), counter
+    return None, counter
 
 
 def _made_up_pairs(model: PreTrainedModel) -> list[EncodedPair]:

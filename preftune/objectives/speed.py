@@ -14,7 +14,7 @@ from preftune.models.attention import (
     inner_model,
     is_varlen,
 )
-from preftune.models.layout_check import layout_error
+from preftune.models.layout_check import check_layout
 from preftune.models.logps import chunk_rows_of
 from preftune.objectives.settings import LayoutSettings
 
@@ -53,7 +53,7 @@ def choose_scoring(model: torch.nn.Module, speed: LayoutSettings) -> tuple[PairS
 
     Flash-attention kernels take packed documents through position ids, in one row; they
     cannot express prefix sharing, which is an error. Any other model is checked on made-up
-    pairs (:func:`~preftune.models.layout_check.layout_error`): if laid-out pairs would not score
+    pairs (:func:`~preftune.models.layout_check.check_layout`): if laid-out pairs would not score
     as each sequence alone, both layout levers are turned off.
     """
     scoring = PairScoring.from_config(speed)
@@ -63,8 +63,12 @@ def choose_scoring(model: torch.nn.Module, speed: LayoutSettings) -> tuple[PairS
     check_kernel(kernel, scoring.prefix_sharing)
     if is_varlen(kernel):
         return replace(scoring, pack_length=VARLEN_ROW), None
-    reason = layout_error(model, scoring.prefix_sharing, scoring.packing, scoring.documents)
+    reason, masks = check_layout(model, scoring.prefix_sharing, scoring.packing, scoring.documents)
     if reason is None:
+        if masks is not None and masks.dense == 0 and scoring.packing and not scoring.pack_length:
+            # Every layer attends document by document, with no (L, L) mask: one row holds
+            # every document of a micro-batch, so no position is padding.
+            scoring = replace(scoring, pack_length=VARLEN_ROW)
         return scoring, None
     levers = [
         name
