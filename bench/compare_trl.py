@@ -62,7 +62,7 @@ LEVERS = {
     "reference cache": "speed.reference_cache=false",
     "prefix sharing": "speed.prefix_sharing=false",
     "packing": "speed.packing=false",
-    "chunked log-probs": "speed.logits_chunk=0",
+    "output layer at response positions only": "speed.logits_chunk=0",
 }
 CONFIGS = {
     "TRL": ("trl", {"precompute": False}),

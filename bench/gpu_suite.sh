@@ -26,6 +26,6 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt" || true
 python3 bench/gpu_checks.py --out "$OUT/checks.json" | tee "$OUT/checks.md" || true
-python3 bench/compare_trl.py --rounds 1 --pairs 64 --batch-size 8 --hidden 1024 --layers 24 \
+python3 bench/compare_trl.py --rounds 1 --pairs 64 --hidden 1024 --layers 24 \
   --peak-tflops "$PEAK_TFLOPS" | tee "$OUT/compare_trl.txt" || true
 python3 bench/data_prep.py --pairs 200000 | tee "$OUT/data_prep.txt" || true
