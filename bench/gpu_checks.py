@@ -1,6 +1,6 @@
 """The checks of the GPU suite that are not benchmarks: mixed precision, every layout on every
-attention kernel the device has, sharding on one device, quantized LoRA. Prints a Markdown
-table and writes it, with every number, as JSON.
+attention kernel the device has, sharding on one device, quantized LoRA, sampling through vLLM.
+Prints a Markdown table and writes it, with every number, as JSON.
 
     python bench/gpu_checks.py --out runs/gpu-suite/checks.json     # on a GPU (the suite)
     python bench/gpu_checks.py --device cpu --quick                 # the CPU-capable parts
@@ -176,6 +176,52 @@ def check_qlora(work: Path, steps: int) -> dict:
     return {"step-1 |loss - ln 2|": first, "last loss": trained[-1], "ok": first < 1e-2}
 
 
+def check_vllm(work: Path, steps: int) -> dict:
+    """generation.backend=vllm: the engine's greedy continuations are transformers' on the same
+    float32 policy, before and after the policy's weights change and are handed over; a PPO run
+    samples through it."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return {"skipped": "vllm is not installed"}
+    from preftune.models.generate import Sampling, generate_ids
+    from preftune.models.tiny import build_model, build_tokenizer
+    from preftune.models.vllm_sampler import VLLMSampler
+
+    tokenizer = build_tokenizer()
+    policy = build_model(tokenizer, seed=0).to("cuda").eval()
+    prompts = [tokenizer(text).input_ids for text in ("the film was", "I thought", "a story of")]
+    greedy = Sampling(max_new_tokens=16, do_sample=False)
+    engine = VLLMSampler(policy, tokenizer, work / "start", "float32", 0.2, 64)
+
+    def agreement() -> float:
+        ours = engine.generate(prompts, greedy, seed=0)
+        theirs = generate_ids(policy, prompts, tokenizer, greedy, batch_size=len(prompts))
+        pairs = [
+            (a, b) for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y, strict=False)
+        ]
+        return sum(a == b for a, b in pairs) / max(len(pairs), 1)
+
+    before = agreement()
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    engine.sync(policy)
+    after = agreement()
+    run = ["ppo", *RUN, "reward.function=tests.toy_rewards:lowercase", "generation.backend=vllm"]
+    records = preftune(
+        [*run, f"train.max_steps={steps}", "generation.max_new_tokens=16"], work / "ppo"
+    )
+    rewards = [r["reward"] for r in records if "reward" in r]
+    ok = before >= 0.9 and after >= 0.9 and len(rewards) == steps
+    return {
+        "greedy agreement before": before,
+        "after a sync": after,
+        "ppo steps": len(rewards),
+        "ok": ok,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -205,6 +251,11 @@ def main() -> None:
                 else {"skipped": "ZeRO on CPUs runs in tests/test_deepspeed.py"}
             ),
             "qlora 4-bit": lambda: check_qlora(work / "qlora", steps),
+            "vllm sampling": lambda: (
+                check_vllm(work / "vllm", steps)
+                if args.device == "cuda"
+                else {"skipped": "vLLM runs on a GPU"}
+            ),
         }
         for name, check in checks.items():
             try:

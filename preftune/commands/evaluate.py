@@ -34,7 +34,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, float]:
     if cfg.data.eval is None:
         raise ConfigError("data.eval is required: the held-out prompts to judge the policy on")
     if cfg.generation.backend == "vllm":
-        raise ConfigError("generation.backend=vllm is not available yet: use generation.backend=hf")
+        raise ConfigError(
+            "preftune eval samples with generation.backend=hf (vllm serves the commands that "
+            "train or label)"
+        )
     if not cfg.judge.spec:
         raise ConfigError("judge.spec is required: rm:DIR, function:module:callable or llm:MODEL")
     acc = make_accelerator(cfg)  # type: ignore[arg-type]  # the model.* and seed keys it reads

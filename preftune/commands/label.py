@@ -21,7 +21,7 @@ from accelerate import Accelerator
 
 from preftune.commands.common import make_accelerator, model_spec
 from preftune.commands.configs import LabelConfig, RunConfig
-from preftune.commands.rl import load_prompts
+from preftune.commands.rl import check_backend, load_prompts, make_sampler
 from preftune.data.check import describe_skipped
 from preftune.data.readers import records_from_rows
 from preftune.data.records import Text
@@ -29,7 +29,7 @@ from preftune.data.rows import RowChecker, has_field
 from preftune.data.sources import Rows, keep_or_raise, read_rows
 from preftune.errors import ConfigError, DataError
 from preftune.files import replaced_atomically
-from preftune.models.generate import Sampling, generate_ids
+from preftune.models.generate import Sampling
 from preftune.models.load import load_model, load_tokenizer
 from preftune.train.judges import Group, load_judge
 from preftune.train.online import form_pairs
@@ -97,8 +97,11 @@ def _sampled(
     k, g = cfg.label.k, cfg.generation
     jobs = [prompt.prompt_ids for prompt in encoded for _ in range(k)]
     sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p)
+    output = Path(str(cfg.label.output))
+    scratch = output.parent / f".{output.name}.vllm-start"
+    sampler = make_sampler(cfg, policy, tokenizer, jobs, acc, g.batch_size * k, scratch)
     with acc.autocast():
-        ids = generate_ids(policy, jobs, tokenizer, sampling, g.batch_size * k, cfg.label.seed)
+        ids = sampler.generate(jobs, sampling, cfg.label.seed)
     texts = [str(tokenizer.decode(new, skip_special_tokens=True)) for new in ids]
     originals = _original_prompts(source, rows)
     return [
@@ -119,8 +122,7 @@ def _check(cfg: LabelConfig) -> Path:
         raise ConfigError("preftune label reads one data.train source, not a list: label each")
     if cfg.data.eval is not None:
         raise ConfigError("preftune label reads data.train alone: unset data.eval")
-    if cfg.generation.backend == "vllm":
-        raise ConfigError("generation.backend=vllm is not available yet: use generation.backend=hf")
+    check_backend(cfg)
     if cfg.model.quantization != "none":
         raise ConfigError(
             "model.quantization: preftune label samples from unquantized weights (model.dtype="

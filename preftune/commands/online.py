@@ -4,6 +4,8 @@ from the policy as it is, a judge (``judge.spec``) compares them, and a paired l
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from preftune.commands.common import (
     make_accelerator,
     maybe_lora,
@@ -11,7 +13,12 @@ from preftune.commands.common import (
     train_and_save,
 )
 from preftune.commands.configs import OnlineConfig
-from preftune.commands.rl import check_rollout_run, load_prompts, rollout_reference
+from preftune.commands.rl import (
+    check_rollout_run,
+    load_prompts,
+    make_sampler,
+    rollout_reference,
+)
 from preftune.errors import ConfigError
 from preftune.models.load import load_model, load_tokenizer
 from preftune.objectives.dpo import PairedObjective
@@ -46,9 +53,12 @@ def run_online(cfg: OnlineConfig) -> dict[str, float]:
         reference = rollout_reference(model, acc.device)
         judge = load_judge(cfg.judge, acc.device)
         objective = OnlineObjective(paired)
+        ids = [prompt.prompt_ids for prompt in prompts]
+        scratch = Path(cfg.output_dir) / "vllm-start"
+        sampler = make_sampler(cfg, model, tokenizer, ids, acc, cfg.generation.batch_size, scratch)
         source = OnlinePairs(
             prompts,
-            Scoring(model, reference, None, unjudged, tokenizer),
+            Scoring(model, reference, None, unjudged, tokenizer, sampler),
             objective.collate,
             OnlinePairs.rollout_settings(cfg.online, cfg.train.batch_size),
             cfg.online.k,

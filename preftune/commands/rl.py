@@ -4,6 +4,9 @@ KL penalty toward the starting policy, on rollouts sampled as training goes (RLH
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,10 +27,12 @@ from preftune.data.mixture import Mixture, mixed, source_list
 from preftune.data.readers import load_demos, records_from_rows
 from preftune.data.sources import Rows, read_rows
 from preftune.errors import ConfigError, DataError
-from preftune.models.load import load_model, load_tokenizer
+from preftune.models.generate import PolicySampler, Sampler
+from preftune.models.load import load_model, load_tokenizer, resolve_dtype
 from preftune.models.lora import apply_lora, is_lora
 from preftune.models.reference import AdapterDisabled, FrozenCopy
 from preftune.models.rollout_logps import ValueModel, response_logps
+from preftune.models.vllm_sampler import INSTALL
 from preftune.objectives.policy_gradient import PolicyGradientObjective
 from preftune.objectives.settings import PPOSettings, RLOOSettings
 from preftune.train.rewards import load_reward
@@ -59,7 +64,10 @@ def _run(
         reference = rollout_reference(model, acc.device)
         objective = PolicyGradientObjective(name, rl, tokenizer.pad_token_id, value)
         reward = load_reward(cfg.reward, acc.device)
-        scoring = Scoring(model, reference, value, reward, tokenizer)
+        ids = [prompt.prompt_ids for prompt in prompts]
+        scratch = Path(cfg.output_dir) / "vllm-start"
+        sampler = make_sampler(cfg, model, tokenizer, ids, acc, cfg.generation.batch_size, scratch)
+        scoring = Scoring(model, reference, value, reward, tokenizer, sampler)
         ptx = None
         if isinstance(cfg, PPOConfig) and cfg.data.ptx is not None:
             ptx = encoded_dataset(
@@ -100,15 +108,55 @@ def check_rollout_run(cfg: Any, name: str) -> None:
     """What every command that samples as it trains refuses, before any work."""
     if cfg.train.distributed != "ddp":
         raise ConfigError(f"preftune {name} runs under train.distributed=ddp only, for now")
-    if cfg.generation.backend == "vllm":
-        if not torch.cuda.is_available():
-            raise ConfigError("generation.backend=vllm needs a GPU: use generation.backend=hf")
-        raise ConfigError("generation.backend=vllm is not available yet: use generation.backend=hf")
+    check_backend(cfg)
     if cfg.data.eval is not None:
         raise ConfigError(
             f"preftune {name} has no evaluation set: its metrics are those of each rollout; "
             "unset data.eval"
         )
+
+
+def check_backend(cfg: Any) -> None:
+    """What ``generation.backend=vllm`` needs, refused before any work: a GPU, the vllm
+    package, one process (an engine per process is not built) and unquantized weights."""
+    if cfg.generation.backend != "vllm":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("generation.backend=vllm needs a GPU: use generation.backend=hf")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(INSTALL)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "generation.backend=vllm runs in one process (an engine per process is not built): "
+            "launch one process, or use generation.backend=hf"
+        )
+    if cfg.model.quantization != "none":
+        raise ConfigError(
+            "generation.backend=vllm gives the engine unquantized weights: unset "
+            "model.quantization, or use generation.backend=hf"
+        )
+
+
+def make_sampler(
+    cfg: Any,
+    policy: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    acc: Accelerator,
+    batch_size: int,
+    scratch: Path,
+) -> Sampler:
+    """What samples ``prompts``' completions from ``policy`` as ``cfg.generation.backend``
+    says: transformers' ``generate``, ``batch_size`` prompts at a time, or a vLLM engine in
+    ``model.dtype``, sized for the longest prompt and response, started from ``scratch``."""
+    g = cfg.generation
+    if g.backend == "hf":
+        return PolicySampler(policy, tokenizer, batch_size)
+    from preftune.models.vllm_sampler import VLLMSampler
+
+    dtype = str(resolve_dtype(cfg.model.dtype, acc.device)).removeprefix("torch.")
+    longest = max(len(ids) for ids in prompts) + g.max_new_tokens
+    return VLLMSampler(policy, tokenizer, scratch, dtype, g.vllm_memory, longest)
 
 
 def _value_model(cfg: RunConfig, base: torch.nn.Module) -> ValueModel:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -116,11 +116,40 @@ def generate_ids(
                 pad_token_id=pad,
                 **settings.generate_kwargs(),
             )
-            out.extend(_until_eos(new, eos) for new in sequences[:, width:].tolist())
+            out.extend(until_eos(new, eos) for new in sequences[:, width:].tolist())
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
     return out
+
+
+class PolicySampler:
+    """Continuations from transformers' ``generate`` on the policy itself (the ``hf`` backend):
+    it always samples from the weights as they are, so it has nothing to sync."""
+
+    def __init__(self, policy: torch.nn.Module, tokenizer: Any, batch_size: int) -> None:
+        self.policy, self.tokenizer, self.batch_size = policy, tokenizer, batch_size
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        return None
+
+    def generate(
+        self, prompts: list[list[int]], settings: Sampling, seed: int, desc: str | None = None
+    ) -> list[list[int]]:
+        return generate_ids(
+            self.policy, prompts, self.tokenizer, settings, self.batch_size, seed, desc
+        )
+
+
+class Sampler(Protocol):
+    """What continues prompts for a run that samples: :class:`PolicySampler`, or an engine
+    holding a copy of the policy (:class:`~preftune.models.vllm_sampler.VLLMSampler`)."""
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Take the policy's current weights (before sampling from it after it trained)."""
+
+    def generate(self, prompts: list[list[int]], settings: Sampling, seed: int) -> list[list[int]]:
+        """The continuation of each prompt, ending with EOS if the model stopped."""
 
 
 @torch.no_grad()
@@ -141,5 +170,5 @@ def completion_logps(
     return torch.cat(values)
 
 
-def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+def until_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids

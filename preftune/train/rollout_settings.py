@@ -24,7 +24,17 @@ class GenerationSettings:
         16, "prompts per generation batch (a batch is the unit of work a process takes)", at_least=1
     )
     backend: str = option(
-        "hf", "hf (transformers' generate); vllm is not built yet and is refused", ("hf", "vllm")
+        "hf",
+        "hf (transformers' generate on the policy) or vllm (an engine on the GPU holding a copy "
+        "of the policy, given its weights before each rollout; one process)",
+        ("hf", "vllm"),
+    )
+    vllm_memory: float = option(
+        0.3,
+        "generation.backend=vllm: the share of the GPU's memory the engine takes for its copy "
+        "of the weights and its KV cache (the rest is training's)",
+        above=0,
+        at_most=1,
     )
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ from preftune.data.collate import collate_demos, padded, rollout_batch
 from preftune.data.encode import EncodedDemo
 from preftune.errors import ConfigError
 from preftune.losses import ppo as math_ppo
-from preftune.models.generate import Sampling, generate_ids
+from preftune.models.generate import Sampler, Sampling
 from preftune.models.reference import ReferenceProvider
 from preftune.models.rollout_logps import ValueModel, response_logps
 from preftune.objectives.base import Batch
@@ -83,14 +83,16 @@ class Sample:
 
 @dataclass
 class Scoring:
-    """What a rollout is scored with: the policy (the module the optimizer updates), its
-    reference, the value model (None for RLOO) and the reward."""
+    """What a rollout is sampled and scored with: the policy (the module the optimizer
+    updates), its reference, the value model (None for RLOO), the reward, and what samples the
+    completions (transformers' ``generate`` on the policy, or an engine given its weights)."""
 
     policy: torch.nn.Module
     reference: ReferenceProvider
     value: ValueModel | None
     reward: Reward
     tokenizer: Any
+    sampler: Sampler
 
 
 class Rollouts:
@@ -215,6 +217,7 @@ class Rollouts:
         jobs = [index for index in order for _ in range(self.k)]
         batches = chunks(list(range(len(jobs))), self.generation.batch_size)
         acc = self.acc
+        self.scoring.sampler.sync(self.scoring.policy)
         mine: list[Sample] = []
         for number, batch in enumerate(batches):
             if number % acc.num_processes == acc.process_index:
@@ -237,7 +240,7 @@ class Rollouts:
             top_p=self.generation.top_p,
         )
         prompt_ids = [prompt.prompt_ids for prompt in prompts]
-        responses = generate_ids(scoring.policy, prompt_ids, tokenizer, settings, len(jobs), seed)
+        responses = scoring.sampler.generate(prompt_ids, settings, seed)
         responses = [ids or [tokenizer.eos_token_id] for ids in responses]
         batch = rollout_batch(prompt_ids, responses, tokenizer.pad_token_id)
         batch = {key: value.to(acc.device) for key, value in batch.items()}
