@@ -1,12 +1,13 @@
 """The optimizer runs torch's fused (or multi-tensor) kernel where one serves the parameters,
-and takes the same steps as the per-tensor loop."""
+and takes the same steps as the per-tensor loop; the learning-rate schedules are transformers'
+own."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from preftune.train.optim import build_optimizer
+from preftune.train.optim import build_optimizer, build_scheduler
 from preftune.train.settings import TrainSettings
 
 
@@ -37,3 +38,29 @@ def test_parameters_no_fused_kernel_serves_get_torchs_own_choice() -> None:
     on_meta = torch.nn.Linear(4, 4, device="meta")
     optimizer = build_optimizer([on_meta], TrainSettings())
     assert optimizer.defaults["fused"] is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize(("warmup", "total"), [(0, 10), (3, 10), (4, 4), (5, 3), (0, 1)])
+def test_the_schedules_are_transformers_own(kind: str, warmup: int, total: int) -> None:
+    from transformers import get_scheduler
+
+    names = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+    rates = []
+    for build in (
+        lambda opt: build_scheduler(
+            opt, TrainSettings(lr_scheduler=kind, warmup_steps=warmup), total
+        ),
+        lambda opt: get_scheduler(
+            names[kind], opt, num_warmup_steps=warmup, num_training_steps=total
+        ),
+    ):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+        scheduler = build(optimizer)
+        seen = []
+        for _ in range(total + 3):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        rates.append(seen)
+    assert rates[0] == rates[1]

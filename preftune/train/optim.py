@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 
 import torch
-from transformers import get_scheduler
 
 from preftune.train.settings import TrainSettings
-
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
 def build_optimizer(
@@ -46,9 +45,22 @@ def _plain(params: Sequence[torch.Tensor]) -> bool:
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainSettings, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    return get_scheduler(
-        SCHEDULES[cfg.lr_scheduler],
-        optimizer,
-        num_warmup_steps=cfg.warmup_steps,
-        num_training_steps=total_steps,
+    """The learning rate times :func:`lr_factor` of the step (transformers' schedules of the
+    same names, without importing its trainer's dependencies)."""
+    factor = functools.partial(
+        lr_factor, kind=cfg.lr_scheduler, warmup=cfg.warmup_steps, total=total_steps
     )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lr_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
+    """The share of the learning rate at ``step``: rising linearly from 0 over ``warmup``
+    steps, then constant, or falling to 0 at ``total`` linearly or along half a cosine."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
