@@ -112,7 +112,7 @@ class VLLMSampler:
         shared: dict[str, Any] = {
             "max_tokens": settings.max_new_tokens,
             "stop_token_ids": [self.eos],
-            "skip_special_tokens": False,
+            "detokenize": False,  # the run decodes what it keeps
         }
         if settings.do_sample:
             shared |= {"temperature": settings.temperature, "top_p": settings.top_p}
