@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from types import ModuleType
 
 FORMATS = ("auto", "bar", "plain", "quiet")
 """``auto``: a bar on a terminal, plain lines otherwise; ``bar``; ``plain``: one line per logged
@@ -48,3 +49,26 @@ def bars_shown() -> bool:
 def _tqdm_disabled() -> bool:
     """``TQDM_DISABLE`` read as tqdm reads it: any value that is not empty turns bars off."""
     return bool(os.environ.get("TQDM_DISABLE", ""))
+
+
+_libraries_quiet = False
+
+
+def quiet_datasets() -> None:
+    """Silence datasets' progress bars and messages (but errors) for the rest of the process:
+    now if it is imported, else when :func:`imported_datasets` first imports it (importing it
+    takes seconds, which runs that never read a hub or saved dataset do not spend)."""
+    global _libraries_quiet
+    _libraries_quiet = True
+    if "datasets" in sys.modules:
+        imported_datasets()
+
+
+def imported_datasets() -> ModuleType:
+    """The datasets package, silenced if :func:`quiet_datasets` asked for it."""
+    import datasets
+
+    if _libraries_quiet:
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    return datasets

@@ -25,7 +25,8 @@ DECODER = {**WIDTH, **HEADS, "max_position_embeddings": 256}
 # model_type -> config fields. Each is a member of a family users train; between them they
 # cover absolute and rotary positions, tied and untied embeddings, dropout kept outside
 # nn.Dropout (OPT), sliding windows on every layer and on alternating layers, logit and
-# attention softcapping (Gemma 2), and a mixture of experts.
+# attention softcapping (Gemma 2), mixtures of experts, and values narrower than queries
+# (DeepSeek-V3's latent attention).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256},
     "opt": {
@@ -58,6 +59,22 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     "phi3": {**DECODER, "sliding_window": 2047},
     "mixtral": {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    # Latent attention whose values are narrower than its queries and keys (DeepSeek-V3).
+    "deepseek_v3": {
+        **DECODER,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 4,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_group": 1,
+        "topk_group": 1,
+        "moe_intermediate_size": 16,
+        "first_k_dense_replace": 1,
+    },
 }
 # Biases computed from a token's place in the row (ALiBi): pair layouts cannot be exact.
 INEXPRESSIBLE = {

@@ -193,3 +193,32 @@ def test_quiet_is_a_flag_of_the_training_commands() -> None:
     assert parser.parse_args(["ppo", "--quiet"]).quiet
     with pytest.raises(SystemExit):
         parser.parse_args(["label", "--quiet"])
+
+
+def test_silencing_datasets_leaves_the_environment_and_can_be_undone() -> None:
+    """A run silences datasets through its own switches, not the process's environment, so a
+    host process (a notebook calling the API) can turn its bars back on; datasets is imported
+    only once something reads through it (a fresh process: it is not imported before)."""
+    script = """
+import os, sys
+from preftune.commands.common import use_log_settings
+from preftune.train.settings import LogSettings
+use_log_settings(LogSettings())
+assert "datasets" not in sys.modules
+assert "HF_DATASETS_DISABLE_PROGRESS_BARS" not in os.environ
+assert "DATASETS_VERBOSITY" not in os.environ
+from preftune.progress import imported_datasets
+datasets = imported_datasets()
+assert not datasets.is_progress_bar_enabled()
+datasets.enable_progress_bars()
+assert datasets.is_progress_bar_enabled()
+"""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "DATASETS_VERBOSITY")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -30,3 +30,17 @@ def test_sequence_logps_matches_token_by_token_sum() -> None:
         )
         assert counts[row].item() == len(response)
         assert abs(summed[row].item() - expected) < 1e-4
+
+
+def test_the_output_layer_s_size_is_read_from_a_partitioned_weight() -> None:
+    """Under DeepSpeed ZeRO-3 a weight is empty outside its forward and keeps its whole shape
+    as ``ds_shape``: the memory budget of ``logits_chunk=auto`` must see the vocabulary."""
+    from preftune.models.logps import OutputLayer
+    from tests.architectures import build
+
+    model = build("llama")
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    weight = model.get_output_embeddings().weight
+    weight.ds_shape = weight.shape
+    weight.data = torch.empty(0)
+    assert OutputLayer(model).vocabulary == vocabulary

@@ -123,3 +123,27 @@ def test_the_weight_digest_sees_every_bit_of_every_weight() -> None:
         assert model_digest(model) != before, name
         bits[-1] ^= 1
         assert model_digest(model) == before, name
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_reference_that_scores_nan_is_one_line_naming_the_row(
+    tmp_path: Path, reuse: bool
+) -> None:
+    """NaN marks a pair not yet scored: a reference whose log-prob is NaN is refused when it is
+    computed, naming the pair's row, not taken for unscored (and computed again each run)."""
+    from preftune.errors import TrainingError
+
+    pairs = [EncodedPair([1, 2], [3], [4], row=5), EncodedPair([1], [5], [6], row=9)]
+
+    def score(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, None]:
+        rows = batch["rows"].tolist()
+        chosen = torch.tensor([math.nan if row == 9 else -1.0 for row in rows])
+        return torch.cat([chosen, torch.full_like(chosen, -2.0)]), None
+
+    def collate(chunk: list[EncodedPair]) -> dict:
+        return {"rows": torch.tensor([pair.row for pair in chunk])}
+
+    reference = ReferencePass(torch.nn.Linear(1, 1), score, collate, 2, Accelerator(), reuse)
+    with pytest.raises(TrainingError, match=r"data.train row 9: the reference model's log-prob"):
+        reference.attach(pairs, tmp_path / "cache.safetensors", "train")
+    assert not (tmp_path / "cache.safetensors").exists()

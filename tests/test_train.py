@@ -204,3 +204,15 @@ def test_resuming_a_different_run_is_refused(small_run: list[str], tmp_path: Pat
     dpo([*small_run, "train.log_every=2"])  # a logging change resumes
     with pytest.raises(ConfigError, match=r"different run \(loss\.beta was 0\.1, now 0\.2\)"):
         dpo([*small_run, "loss.beta=0.2"])
+
+
+def test_a_picture_that_cannot_be_drawn_is_a_line_not_a_failure(tmp_path: Path) -> None:
+    from preftune.train.plots import Drawing
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "lo')
+    assert "JSONDecodeError" in str(Drawing(tmp_path).wait())
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    assert "FileNotFoundError" in str(Drawing(missing).wait())
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    assert Drawing(tmp_path).wait() is None and (tmp_path / "metrics.png").exists()

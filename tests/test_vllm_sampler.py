@@ -1,7 +1,10 @@
-"""``generation.backend=vllm`` without a GPU: the weights handed to the engine are the policy's
-(LoRA merged aside, as peft's own merge gives them), the directory the engine starts from is a
-model directory transformers loads into the same weights, each request's sampling settings and
-seed are as the run's, and a PPO run hands the engine the policy's weights before each rollout.
+"""``generation.backend=vllm`` without a GPU: the weights handed to the engine are what the
+policy's checkpoint holds (on every tested architecture: tied weights once, fused experts split
+back; a LoRA model's merged aside, linear and embedding adapters, as peft's own merge gives
+them); the engine starts from a temporary model directory transformers loads into the same
+weights, whose configs stop at the tokenizer's EOS alone, removed even when writing it fails;
+each request carries the run's sampling settings and its own seed; and a PPO run hands the
+engine the policy's weights before each rollout.
 
 The engine is a recording stand-in for ``vllm.LLM`` (vLLM itself runs on a GPU only): it loads
 the start directory with transformers, takes weights by name as vLLM's model loader does, and
@@ -26,7 +29,7 @@ from preftune.models.generate import Sampling, generate_ids
 from preftune.models.lora import apply_lora
 from preftune.models.settings import LoraSettings
 from preftune.models.vllm_sampler import VLLMSampler, plain_weights
-from tests.architectures import TOKENIZER, build
+from tests.architectures import ARCHITECTURES, TOKENIZER, build
 from tests.test_rl import RUN
 
 
@@ -56,10 +59,12 @@ class FakeLLM:
     made: ClassVar[list[FakeLLM]] = []
 
     def __init__(self, model: str, tokenizer: str, **options: Any) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         self.options, self.generated, self.resets = options, [], 0
         self.start = Path(model)
+        self.config = AutoConfig.from_pretrained(model)
+        self.generation_config = GenerationConfig.from_pretrained(model)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
         self.loader = Loader(self.model)
@@ -96,7 +101,10 @@ class Params:
 
 
 @pytest.fixture
-def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
+def fake_vllm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> type[FakeLLM]:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
     module = types.ModuleType("vllm")
     module.LLM = FakeLLM  # type: ignore[attr-defined]
     module.SamplingParams = Params  # type: ignore[attr-defined]
@@ -106,45 +114,51 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
     return FakeLLM
 
 
-def _lora_model() -> torch.nn.Module:
+def _lora_model(targets: tuple[str, ...] = ("q_proj", "v_proj")) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = apply_lora(
-        build("llama"), LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
-    )
-    with torch.no_grad():  # adapters that change the weights (B starts at zero)
+    model = apply_lora(build("llama"), LoraSettings(r=4, alpha=8, target_modules=list(targets)))
+    with torch.no_grad():  # adapters that change the weights (B, or an embedding's A, starts at 0)
         for name, parameter in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name or "lora_embedding" in name:
                 parameter.normal_(0, 0.1)
     return model
 
 
-def test_plain_weights_of_a_lora_model_are_peft_s_merge_and_leave_it_untouched() -> None:
-    model = _lora_model()
+@pytest.mark.parametrize(
+    "targets", [("q_proj", "v_proj"), ("embed_tokens", "q_proj", "down_proj")], ids=str
+)
+def test_plain_weights_of_a_lora_model_are_peft_s_merge_and_leave_it_untouched(
+    targets: tuple[str, ...], tmp_path: Path
+) -> None:
+    model = _lora_model(targets)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    expected = copy.deepcopy(model).merge_and_unload().state_dict()
-    got = dict(plain_weights(model))
-    tied = set(getattr(model.get_base_model(), "all_tied_weights_keys", None) or {})
-    assert set(got) == set(expected) - tied
+    merged = copy.deepcopy(model).merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    expected = load_file(tmp_path / "model.safetensors")
+    got = plain_weights(model)
+    assert set(got) == set(expected)
     assert all(torch.allclose(got[name], expected[name], atol=1e-6) for name in got)
     unmerged = {
         key.replace(".base_layer.", "."): value
         for key, value in model.get_base_model().state_dict().items()
         if ".lora_" not in key
     }
-    changed = [name for name in got if not torch.equal(got[name], unmerged[name])]
-    assert changed and all("q_proj" in name or "v_proj" in name for name in changed)
+    changed = {name for name in got if not torch.equal(got[name], unmerged[name])}
+    assert {name.split(".")[-2] for name in changed} == set(targets)
     after = model.state_dict()
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
-def test_plain_weights_of_a_plain_model_are_its_state_without_tied_copies() -> None:
-    for name in ("llama", "gpt2"):
-        model = build(name)
-        state = model.state_dict()
-        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-        got = dict(plain_weights(model))
-        assert set(got) == set(state) - tied
-        assert all(torch.equal(got[key], state[key]) for key in got)
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_plain_weights_are_what_save_pretrained_writes(name: str, tmp_path: Path) -> None:
+    """Names and values as the model's checkpoint holds them, on every architecture: tied
+    embeddings once, experts fused at loading split back."""
+    model = build(name)
+    model.save_pretrained(tmp_path)
+    expected = load_file(tmp_path / "model.safetensors")
+    got = plain_weights(model)
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[key].contiguous(), expected[key]) for key in got)
 
 
 def test_the_engine_starts_from_the_policy_and_follows_it(
@@ -152,10 +166,11 @@ def test_the_engine_starts_from_the_policy_and_follows_it(
 ) -> None:
     tokenizer = TOKENIZER
     model = _lora_model()
-    scratch = tmp_path / "start"
-    sampler = VLLMSampler(model, tokenizer, scratch, "float32", 0.25, 96)
+    sampler = VLLMSampler(model, tokenizer, "float32", 0.25, 96)
     (engine,) = fake_vllm.made
-    assert not scratch.exists(), "the start directory is removed once the engine has read it"
+    assert not engine.start.exists(), "the start directory is removed once the engine has read it"
+    assert engine.config.eos_token_id == tokenizer.eos_token_id
+    assert engine.generation_config.eos_token_id == tokenizer.eos_token_id
     assert engine.options == {
         "dtype": "float32",
         "gpu_memory_utilization": 0.25,
@@ -183,7 +198,7 @@ def test_requests_carry_the_run_s_settings_and_their_own_seeds(
     tokenizer = TOKENIZER
     torch.manual_seed(0)
     model = build("llama").eval()
-    sampler = VLLMSampler(model, tokenizer, tmp_path / "start", "float32", 0.3, 64)
+    sampler = VLLMSampler(model, tokenizer, "float32", 0.3, 64)
     prompts = [tokenizer("a b c").input_ids, tokenizer("d e").input_ids, tokenizer("f").input_ids]
     greedy = Sampling(max_new_tokens=6, do_sample=False)
     got = sampler.generate(prompts, greedy, seed=3)
@@ -202,15 +217,17 @@ def test_requests_carry_the_run_s_settings_and_their_own_seeds(
     assert [p.seed for p in engine.generated[-1][1]] != seeds, "a call's seed moves every request's"
 
 
-def test_an_ended_completion_ends_with_eos_and_a_cut_one_does_not(
-    fake_vllm: type[FakeLLM], tmp_path: Path
+def test_the_start_directory_is_removed_when_writing_it_fails(
+    fake_vllm: type[FakeLLM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tokenizer = TOKENIZER
-    sampler = VLLMSampler(build("llama"), tokenizer, tmp_path / "start", "float32", 0.3, 64)
-    eos = tokenizer.eos_token_id
-    assert sampler._completion(Output([5, 6, eos, 7], "stop")) == [5, 6, eos]
-    assert sampler._completion(Output([5, 6], "stop")) == [5, 6, eos]
-    assert sampler._completion(Output([5, 6], "length")) == [5, 6]
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("preftune.models.vllm_sampler.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        VLLMSampler(build("llama"), TOKENIZER, "float32", 0.3, 64)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert fake_vllm.made == []
 
 
 def test_a_ppo_run_hands_the_engine_the_policy_before_each_rollout(
@@ -236,7 +253,8 @@ def test_a_ppo_run_hands_the_engine_the_policy_before_each_rollout(
     (engine,) = fake_vllm.made
     loads = engine.loader.loads
     assert len(loads) == 3, "one sync per rollout (a rollout of 8 samples is one step here)"
-    assert not (out / "vllm-start").exists()
+    assert list((tmp_path / "tmp").iterdir()) == [], "the start directory is removed"
+    assert sorted(path.name for path in out.iterdir() if "vllm" in path.name) == []
     assert sum(len(requests) for requests, _ in engine.generated) == 3 * 8
     # Rollout r + 1 is sampled with the weights of the checkpoint of step r.
     for step in (1, 2):

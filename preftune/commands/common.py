@@ -5,7 +5,6 @@ training then saving (the keys of a run: :mod:`preftune.commands.configs`; the d
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,23 +57,9 @@ def use_log_settings(settings: LogSettings) -> None:
         return
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
-    _quiet_datasets()
+    progress.quiet_datasets()
     huggingface_hub.utils.disable_progress_bars()
     huggingface_hub.utils.logging.set_verbosity_error()
-
-
-def _quiet_datasets() -> None:
-    """datasets' progress bars off and its messages to errors only; without importing it (it
-    takes half a second) when nothing has yet: it reads the same settings from the environment
-    when it is imported."""
-    if "datasets" not in sys.modules:
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["DATASETS_VERBOSITY"] = "error"
-        return
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:

@@ -4,8 +4,6 @@ from the policy as it is, a judge (``judge.spec``) compares them, and a paired l
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from preftune.commands.common import (
     make_accelerator,
     maybe_lora,
@@ -54,8 +52,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, float]:
         judge = load_judge(cfg.judge, acc.device)
         objective = OnlineObjective(paired)
         ids = [prompt.prompt_ids for prompt in prompts]
-        scratch = Path(cfg.output_dir) / "vllm-start"
-        sampler = make_sampler(cfg, model, tokenizer, ids, acc, cfg.generation.batch_size, scratch)
+        sampler = make_sampler(cfg, model, tokenizer, ids, acc, cfg.generation.batch_size)
         source = OnlinePairs(
             prompts,
             Scoring(model, reference, None, unjudged, tokenizer, sampler),

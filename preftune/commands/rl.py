@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,8 +64,7 @@ def _run(
         objective = PolicyGradientObjective(name, rl, tokenizer.pad_token_id, value)
         reward = load_reward(cfg.reward, acc.device)
         ids = [prompt.prompt_ids for prompt in prompts]
-        scratch = Path(cfg.output_dir) / "vllm-start"
-        sampler = make_sampler(cfg, model, tokenizer, ids, acc, cfg.generation.batch_size, scratch)
+        sampler = make_sampler(cfg, model, tokenizer, ids, acc, cfg.generation.batch_size)
         scoring = Scoring(model, reference, value, reward, tokenizer, sampler)
         ptx = None
         if isinstance(cfg, PPOConfig) and cfg.data.ptx is not None:
@@ -144,11 +142,10 @@ def make_sampler(
     prompts: list[list[int]],
     acc: Accelerator,
     batch_size: int,
-    scratch: Path,
 ) -> Sampler:
     """What samples ``prompts``' completions from ``policy`` as ``cfg.generation.backend``
     says: transformers' ``generate``, ``batch_size`` prompts at a time, or a vLLM engine in
-    ``model.dtype``, sized for the longest prompt and response, started from ``scratch``."""
+    ``model.dtype``, sized for the longest prompt and response."""
     g = cfg.generation
     if g.backend == "hf":
         return PolicySampler(policy, tokenizer, batch_size)
@@ -156,7 +153,7 @@ def make_sampler(
 
     dtype = str(resolve_dtype(cfg.model.dtype, acc.device)).removeprefix("torch.")
     longest = max(len(ids) for ids in prompts) + g.max_new_tokens
-    return VLLMSampler(policy, tokenizer, scratch, dtype, g.vllm_memory, longest)
+    return VLLMSampler(policy, tokenizer, dtype, g.vllm_memory, longest)
 
 
 def _value_model(cfg: RunConfig, base: torch.nn.Module) -> ValueModel:

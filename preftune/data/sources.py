@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import DataError
+from preftune.progress import imported_datasets
 
 Row = dict[str, Any]
 Rows = list[tuple[int, Row]]
@@ -303,7 +304,7 @@ def _read_parquet(spec: str, path: Path, skipped: Skipped) -> Rows:
 
 
 def _read_saved_dataset(spec: str, path: Path, split: str) -> Rows:
-    import datasets  # imported here: datasets takes seconds to import and few sources need it
+    datasets = imported_datasets()  # imported here: it takes seconds and few sources need it
 
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -318,7 +319,7 @@ def _read_saved_dataset(spec: str, path: Path, split: str) -> Rows:
 
 
 def _read_hub(spec: str, name: str, split: str) -> Rows:
-    import datasets
+    datasets = imported_datasets()
 
     try:
         loaded = datasets.load_dataset(name, split=split)

@@ -266,11 +266,17 @@ def document_attention(
         keys, values = k_row.split(run_lengths, dim=1), v_row.split(run_lengths, dim=1)
         outputs = []
         for call, q in zip(calls, queries, strict=True):
-            if not call.keys:
-                outputs.append(torch.zeros_like(q))
+            if not call.keys:  # values may be narrower than queries (latent attention)
+                outputs.append(q.new_zeros(*q.shape[:-1], v_row.shape[-1]))
                 continue
             k = _joined([keys[i] for i in call.keys])
             v = _joined([values[i] for i in call.keys])
+            shared = gqa
+            if gqa and call.allowed is not None:
+                # A masked call with shared key-value heads would fall to the math kernel on
+                # CUDA (the memory-efficient one has no GQA): give each query head its own.
+                k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
+                shared = False
             outputs.append(
                 F.scaled_dot_product_attention(
                     q[None],
@@ -280,7 +286,7 @@ def document_attention(
                     dropout_p=dropout,
                     is_causal=call.allowed is None,
                     scale=scaling,
-                    enable_gqa=gqa,
+                    enable_gqa=shared,
                 )[0]
             )
         out_rows.append(_joined(outputs))

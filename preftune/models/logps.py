@@ -150,7 +150,10 @@ class OutputLayer:
     def __init__(self, model: torch.nn.Module) -> None:
         inner = inner_model(model)
         self.layer: torch.nn.Module = inner.get_output_embeddings()
-        self.vocabulary = int(self.layer.weight.shape[0])
+        weight = self.layer.weight
+        # A weight partitioned by DeepSpeed ZeRO-3 is empty outside its forward; it keeps its
+        # whole shape as ds_shape.
+        self.vocabulary = int(getattr(weight, "ds_shape", weight.shape)[0])
         config = inner.config
         self.scale = getattr(config, "logit_scale", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from preftune.data.digest import examples_digest
 from preftune.data.encode import EncodedPair
+from preftune.errors import TrainingError
 from preftune.files import replaced_atomically
 from preftune.models.attention import inner_model
 from preftune.progress import bars_shown
@@ -176,7 +177,9 @@ class ReferencePass:
         values = torch.full((len(examples), 2), math.nan)
         if not self.reuse:
             acc.print(f"{label}: reference log-probs computed for this run (quantized weights)")
-            values[list(needed)] = self.compute(examples, label, needed).cpu()
+            values[list(needed)] = _scored(
+                self.compute(examples, label, needed), examples, needed, label
+            )
             return WithReference(examples, values)
         # Read by the main process and sent to the others: no other node needs the file.
         cached = decide_on_main(acc, lambda: _read_cache(path, len(examples)))
@@ -194,7 +197,7 @@ class ReferencePass:
                 f"{label}: reference log-probs of {len(needed) - len(missing)} pairs from the "
                 f"cache ({path}), {len(missing)} computed"
             )
-        values[missing] = self.compute(examples, label, missing).cpu()
+        values[missing] = _scored(self.compute(examples, label, missing), examples, missing, label)
         if acc.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             with replaced_atomically(path) as partial:
@@ -245,4 +248,21 @@ def _read_cache(path: Path, pairs: int) -> torch.Tensor | str | None:
         )
     if values.shape != (pairs, 2):
         return f"holds {tuple(values.shape)} values, not ({pairs}, 2)"
+    return values
+
+
+def _scored(
+    values: torch.Tensor, examples: Sequence[EncodedPair], indices: Sequence[int], label: str
+) -> torch.Tensor:
+    """``values``, the reference log-probs of the pairs at ``indices``, on the CPU; none may be
+    NaN, which marks a pair not yet scored (and which no loss could use)."""
+    values = values.cpu()
+    bad = values.isnan().any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        first = examples[indices[bad[0]]]
+        where = f"data.{label} row {first.row}" if first.row is not None else f"{label} pair"
+        raise TrainingError(
+            f"{where}: the reference model's log-probability is NaN ({len(bad)} pairs so); "
+            "in float16 it can overflow: try model.dtype=bfloat16 or float32"
+        )
     return values

@@ -1,8 +1,8 @@
 """Sampling with vLLM (``generation.backend=vllm``): an engine in this process holds its own copy
 of the policy's weights, set from the policy before each use, and continues prompts' token ids.
 
-The engine is started once from a directory holding the policy as it is (its config, tokenizer
-and plain weights, LoRA adapters merged in), which is removed once the engine has read it.
+The engine is started once from a temporary directory holding the policy as it is (its config,
+tokenizer and plain weights, LoRA adapters merged in), removed once the engine has read it.
 :meth:`VLLMSampler.sync` then hands the engine the policy's current weights, under the names a
 Hugging Face checkpoint gives them, so that it samples from the policy being trained and not
 from the one the run started with. Every request carries its own seed, drawn from the call's
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-from collections.abc import Iterator
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from transformers import GenerationConfig
 
 from preftune.errors import ConfigError
 from preftune.models.generate import Sampling, until_eos
@@ -29,31 +29,60 @@ from preftune.models.lora import is_lora
 INSTALL = "generation.backend=vllm needs the vllm package (pip install 'preftune[vllm]')"
 
 
-def plain_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's weights as its Hugging Face checkpoint names them: a LoRA model's with each
-    adapted weight merged (W + ΔW, computed aside: the policy's own weights are not touched),
-    adapters and tied copies left out."""
-    if not is_lora(policy):
-        tied = set(getattr(policy, "all_tied_weights_keys", None) or {})
-        for name, tensor in policy.state_dict().items():
-            if name not in tied:
-                yield name, tensor.detach()
-        return
+@torch.no_grad()
+def plain_weights(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's weights as its Hugging Face checkpoint holds them (what ``save_pretrained``
+    writes): a LoRA model's with each adapted weight merged (W + ΔW, computed aside: the
+    policy's own weights are not touched), adapters left out, a weight shared by two names
+    (tied embeddings) once, under the first, and names and layouts the loading converted
+    (fused experts) converted back."""
+    model: Any = policy.get_base_model() if is_lora(policy) else policy
+    state = _merged(policy) if is_lora(policy) else dict(policy.state_dict())
+    copies = _copies(model)
+    once = {name: tensor.detach() for name, tensor in state.items() if name not in copies}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers before 5 converts nothing at loading
+        return once
+    return dict(revert_weight_conversion(model, once))
+
+
+def _copies(model: torch.nn.Module) -> set[str]:
+    """The names (adapters' wrappers left out) of weights that share their storage with a
+    weight named before them: tied ones."""
+    seen: set[tuple[Any, ...]] = set()
+    copies = set()
+    for name, tensor in model.state_dict().items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and where in seen:
+            copies.add(name.replace(".base_layer.", "."))
+        seen.add(where)
+    return copies
+
+
+def _merged(policy: Any) -> dict[str, torch.Tensor]:
+    """A LoRA model's base weights, each adapted one (linear or embedding) plus its adapter's
+    ΔW for the active adapter, under the base model's names."""
     base = policy.get_base_model()
     adapter = policy.active_adapter
-    deltas = {
+    adapted = {
         f"{name}.base_layer.weight": module
         for name, module in base.named_modules()
-        if hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {})
+        if hasattr(module, "get_delta_weight")
+        and (
+            adapter in getattr(module, "lora_A", {})
+            or adapter in getattr(module, "lora_embedding_A", {})
+        )
     }
-    tied = set(getattr(base, "all_tied_weights_keys", None) or {})
+    merged: dict[str, torch.Tensor] = {}
     for name, tensor in base.state_dict().items():
-        if ".lora_" in name or name in tied:
+        if ".lora_" in name:
             continue
-        value = tensor.detach()
-        if name in deltas:
-            value = value + deltas[name].get_delta_weight(adapter).to(value.dtype)
-        yield name.replace(".base_layer.", "."), value
+        value = tensor
+        if name in adapted:
+            value = tensor + adapted[name].get_delta_weight(adapter).to(tensor.dtype)
+        merged[name.replace(".base_layer.", ".")] = value
+    return merged
 
 
 class VLLMSampler:
@@ -65,7 +94,6 @@ class VLLMSampler:
         self,
         policy: torch.nn.Module,
         tokenizer: Any,
-        scratch: Path,
         dtype: str,
         memory: float,
         max_model_len: int,
@@ -77,18 +105,16 @@ class VLLMSampler:
         self.vllm, self.eos = vllm, tokenizer.eos_token_id
         # The engine's core in this process, where its model's weights can be set.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        _write_start(policy, tokenizer, scratch)
-        try:
+        with tempfile.TemporaryDirectory(prefix="preftune-vllm-") as start:
+            _write_start(policy, tokenizer, Path(start))
             self.llm = vllm.LLM(
-                model=str(scratch),
-                tokenizer=str(scratch),
+                model=start,
+                tokenizer=start,
                 dtype=dtype,
                 gpu_memory_utilization=memory,
                 max_model_len=max_model_len,
                 enable_prefix_caching=False,
             )
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def _engine_model(self) -> Any:
         try:
@@ -102,7 +128,7 @@ class VLLMSampler:
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module) -> None:
         """Give the engine the policy's current weights."""
-        self._engine_model().load_weights(plain_weights(policy))
+        self._engine_model().load_weights(plain_weights(policy).items())
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[list[int]], settings: Sampling, seed: int) -> list[list[int]]:
@@ -124,23 +150,24 @@ class VLLMSampler:
         ]
         requests = [{"prompt_token_ids": ids} for ids in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [self._completion(output.outputs[0]) for output in outputs]
-
-    def _completion(self, output: Any) -> list[int]:
-        ids = until_eos(list(output.token_ids), self.eos)
-        if output.finish_reason == "stop" and (not ids or ids[-1] != self.eos):
-            ids.append(self.eos)
-        return ids
+        return [until_eos(list(output.outputs[0].token_ids), self.eos) for output in outputs]
 
 
 def _write_start(policy: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
     """A model directory the engine starts from: the policy's config and tokenizer and its
-    plain weights (:func:`plain_weights`)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    plain weights (:func:`plain_weights`). Its config and generation config name the
+    tokenizer's EOS alone, so that the engine stops where transformers' ``generate`` does here
+    (vLLM also stops at every EOS a model's configs list)."""
     base = policy.get_base_model() if is_lora(policy) else policy
     config: Any = copy.deepcopy(base.config)
     config.architectures = [type(base).__name__]
+    config.eos_token_id = tokenizer.eos_token_id
     config.save_pretrained(directory)
+    GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    ).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    weights = {name: value.contiguous() for name, value in plain_weights(policy)}
+    weights = {name: value.contiguous() for name, value in plain_weights(policy).items()}
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})

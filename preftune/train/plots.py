@@ -93,6 +93,8 @@ class Drawing:
             plot_metrics(output_dir)
         except PreftuneError as error:
             self.missing = str(error)
+        except Exception as error:  # a picture that fails must not fail the trained run
+            self.missing = f"drawing it failed ({type(error).__name__}: {error})"
 
     def wait(self) -> str | None:
         """Once drawn: None, or the line saying why there is no picture."""
