@@ -192,7 +192,7 @@ def check_vllm(work: Path, steps: int) -> dict:
     policy = build_model(tokenizer, seed=0).to("cuda").eval()
     prompts = [tokenizer(text).input_ids for text in ("the film was", "I thought", "a story of")]
     greedy = Sampling(max_new_tokens=16, do_sample=False)
-    engine = VLLMSampler(policy, tokenizer, work / "start", "float32", 0.2, 64)
+    engine = VLLMSampler(policy, tokenizer, "float32", 0.2, 64)
 
     def agreement() -> float:
         ours = engine.generate(prompts, greedy, seed=0)
