@@ -79,9 +79,7 @@ def train(
 
 
 def main() -> None:
-    from preftune.data.encode import Budget, encode_pairs
-    from preftune.data.readers import load_pairs
-    from preftune.models.load import ModelSpec, load_tokenizer
+    from workload import encoded  # the bench folder's own module
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -89,8 +87,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
-    tokenizer = load_tokenizer(ModelSpec(str(args.model)))
-    pairs, _ = encode_pairs(load_pairs(str(args.pairs))[0], tokenizer, Budget(2048, None))
+    pairs, _ = encoded(args.model, args.pairs, 2048)
     for step, loss in enumerate(train(args.model, pairs, args.out, args.batch_size), 1):
         print(f"step {step}: loss {loss:.7f}")
 
