@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from preftune.errors import ConfigError
+from preftune.fields import is_number, takes_numbers
 
 if typing.TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -332,7 +333,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if float in kinds and isinstance(value, str):
         with contextlib.suppress(ValueError):
             return float(value)
-    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if str in kinds and numeric and not {int, float} & set(kinds):
+    if str in kinds and is_number(value) and not takes_numbers(hint):
         return str(value)
     return value

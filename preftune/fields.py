@@ -93,9 +93,9 @@ def check_fields(config: Any, section: str = "") -> None:
         _check_type(key, value, hints[f.name], f.metadata.get("choices", ()))
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
         for index, item in items:
-            if not (_is_number(item) and _takes_numbers(hints[f.name])):
+            if not (is_number(item) and takes_numbers(hints[f.name])):
                 _check_choice(key, item, f.metadata.get("choices", ()), hints[f.name])
-            if _is_number(item):
+            if is_number(item):
                 bounds = f.metadata.get("bounds", Bounds())
                 _check_range(key if index is None else f"{key}[{index}]", item, bounds)
         setattr(config, f.name, value)
@@ -112,7 +112,7 @@ def _settled(value: Any, hint: Any) -> Any:
         (item_hint,) = typing.get_args(kinds[0])
         items = [value] if isinstance(value, (str, int, float)) else value
         return [_settled(item, item_hint) for item in items] if isinstance(items, list) else items
-    if float in kinds and int not in kinds and _is_number(value):
+    if float in kinds and int not in kinds and is_number(value):
         return float(value)
     return value
 
@@ -131,7 +131,7 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint in (int, float):
-        return _is_number(value) and (hint is float or isinstance(value, int))
+        return is_number(value) and (hint is float or isinstance(value, int))
     return isinstance(value, hint)
 
 
@@ -146,7 +146,7 @@ def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else hint.__name__
 
 
-def _takes_numbers(hint: Any) -> bool:
+def takes_numbers(hint: Any) -> bool:
     """A field that takes a number or a named choice (``int | str``, choices ``("auto",)``)."""
     return bool({int, float} & set(_kinds(hint)))
 
@@ -155,7 +155,7 @@ def _kinds(hint: Any) -> tuple[Any, ...]:
     return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """An int or a float; a bool is an int to Python, never to a config."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -170,7 +170,7 @@ def _check_type(key: str, value: Any, hint: Any, choices: tuple[str, ...] = ()) 
 
 def _wanted(hint: Any, choices: tuple[str, ...]) -> str:
     """What a field takes, in words; a number or a name as ``int or auto``."""
-    if not (choices and _takes_numbers(hint)):
+    if not (choices and takes_numbers(hint)):
         return _type_name(hint)
     return " or ".join(
         " or ".join(choices) if kind is str else _type_name(kind) for kind in _kinds(hint)
@@ -179,7 +179,7 @@ def _wanted(hint: Any, choices: tuple[str, ...]) -> str:
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...], hint: Any) -> None:
     if choices and value not in choices:
-        if _takes_numbers(hint):
+        if takes_numbers(hint):
             raise ConfigError(f"config key '{key}' must be {_wanted(hint, choices)}, got {value!r}")
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
         suggestion = f"; did you mean '{close[0]}'?" if close else ""

@@ -138,7 +138,7 @@ def refusal(key: str, hint: Any, shown: str) -> str:
     range named), a type error for an int."""
     if float in scalar_kinds(hint):
         return rf"^{re.escape(key)}(\[0\])? must be finite and .+, got {re.escape(shown)}$"
-    name = "int( or null| or auto)?"
+    name = "int or auto" if str in scalar_kinds(hint) else "int( or null)?"
     return rf"^config key '{re.escape(key)}' must be {name}, got '?{re.escape(shown)}'?$"
 
 

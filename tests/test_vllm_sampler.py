@@ -175,7 +175,7 @@ def test_the_engine_starts_from_the_policy_and_follows_it(
         "dtype": "float32",
         "gpu_memory_utilization": 0.25,
         "max_model_len": 96,
-        "enable_prefix_caching": False,
+        "enable_prefix_caching": True,
     }
     merged = copy.deepcopy(model).merge_and_unload().state_dict()
     started = {k: v.clone() for k, v in engine.model.state_dict().items()}

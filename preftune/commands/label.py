@@ -97,7 +97,8 @@ def _sampled(
     k, g = cfg.label.k, cfg.generation
     jobs = [prompt.prompt_ids for prompt in encoded for _ in range(k)]
     sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p)
-    sampler = make_sampler(cfg, policy, tokenizer, jobs, acc, g.batch_size * k)
+    longest = max(len(ids) for ids in jobs)
+    sampler = make_sampler(cfg, policy, tokenizer, longest, acc, g.batch_size * k)
     with acc.autocast():
         ids = sampler.generate(jobs, sampling, cfg.label.seed)
     texts = [str(tokenizer.decode(new, skip_special_tokens=True)) for new in ids]

@@ -51,8 +51,8 @@ def run_online(cfg: OnlineConfig) -> dict[str, float]:
         reference = rollout_reference(model, acc.device)
         judge = load_judge(cfg.judge, acc.device)
         objective = OnlineObjective(paired)
-        ids = [prompt.prompt_ids for prompt in prompts]
-        sampler = make_sampler(cfg, model, tokenizer, ids, acc, cfg.generation.batch_size)
+        longest = max(len(prompt.prompt_ids) for prompt in prompts)
+        sampler = make_sampler(cfg, model, tokenizer, longest, acc, cfg.generation.batch_size)
         source = OnlinePairs(
             prompts,
             Scoring(model, reference, None, unjudged, tokenizer, sampler),

@@ -63,8 +63,8 @@ def _run(
         reference = rollout_reference(model, acc.device)
         objective = PolicyGradientObjective(name, rl, tokenizer.pad_token_id, value)
         reward = load_reward(cfg.reward, acc.device)
-        ids = [prompt.prompt_ids for prompt in prompts]
-        sampler = make_sampler(cfg, model, tokenizer, ids, acc, cfg.generation.batch_size)
+        longest = max(len(prompt.prompt_ids) for prompt in prompts)
+        sampler = make_sampler(cfg, model, tokenizer, longest, acc, cfg.generation.batch_size)
         scoring = Scoring(model, reference, value, reward, tokenizer, sampler)
         ptx = None
         if isinstance(cfg, PPOConfig) and cfg.data.ptx is not None:
@@ -139,12 +139,12 @@ def make_sampler(
     cfg: Any,
     policy: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
+    longest_prompt: int,
     acc: Accelerator,
     batch_size: int,
 ) -> Sampler:
-    """What samples ``prompts``' completions from ``policy`` as ``cfg.generation.backend``
-    says: transformers' ``generate``, ``batch_size`` prompts at a time, or a vLLM engine in
+    """What samples completions from ``policy`` as ``cfg.generation.backend`` says:
+    transformers' ``generate``, ``batch_size`` prompts at a time, or a vLLM engine in
     ``model.dtype``, sized for the longest prompt and response."""
     g = cfg.generation
     if g.backend == "hf":
@@ -152,7 +152,7 @@ def make_sampler(
     from preftune.models.vllm_sampler import VLLMSampler
 
     dtype = str(resolve_dtype(cfg.model.dtype, acc.device)).removeprefix("torch.")
-    longest = max(len(ids) for ids in prompts) + g.max_new_tokens
+    longest = longest_prompt + g.max_new_tokens
     return VLLMSampler(policy, tokenizer, dtype, g.vllm_memory, longest)
 
 

@@ -139,7 +139,7 @@ def layout_attention(
         shape = (kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])
         mask = torch.ones((), dtype=torch.bool, device=kwargs.get("device")).expand(shape)
         setattr(mask, SEGMENTS, segments[0])
-        setattr(mask, DENSE, dense)
+        setattr(mask, DENSE, _built_once(dense, counter))
         return mask
 
     if documents and kernel == "sdpa":
@@ -161,6 +161,20 @@ def layout_attention(
 # The attributes of a plain causal layout mask: its rows' documents, and how to build it dense.
 SEGMENTS = "_preftune_segments"
 DENSE = "_preftune_dense"
+
+
+def _built_once(build: Callable[[], torch.Tensor], counter: LayoutAttention):
+    """``build`` run at the first call alone (every layer that asks gets that mask), and
+    counted as a dense mask then: a layer that needs one is seen by the layout check."""
+    built: list[torch.Tensor] = []
+
+    def once() -> torch.Tensor:
+        if not built:
+            counter.dense += 1
+            built.append(build())
+        return built[0]
+
+    return once
 
 
 def _install_document_attention() -> None:

@@ -133,12 +133,8 @@ class PolicySampler:
     def sync(self, policy: torch.nn.Module) -> None:
         return None
 
-    def generate(
-        self, prompts: list[list[int]], settings: Sampling, seed: int, desc: str | None = None
-    ) -> list[list[int]]:
-        return generate_ids(
-            self.policy, prompts, self.tokenizer, settings, self.batch_size, seed, desc
-        )
+    def generate(self, prompts: list[list[int]], settings: Sampling, seed: int) -> list[list[int]]:
+        return generate_ids(self.policy, prompts, self.tokenizer, settings, self.batch_size, seed)
 
 
 class Sampler(Protocol):

@@ -200,3 +200,25 @@ def _check_local_path(path: str) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def untied(model: torch.nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``state_dict`` (by default the model's own) as ``save_pretrained`` writes it: a tied
+    weight once, under its source's name (the input embeddings, not the output layer that
+    shares them): the names transformers declares tied, and any weight sharing its storage with
+    one before it (what transformers 4 declares otherwise). Loading gives the tied names their
+    weight again."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    weights = model.state_dict() if state_dict is None else state_dict
+    seen: set[tuple[Any, ...]] = set()
+    once = {}
+    for name, tensor in weights.items():
+        if name in tied:
+            continue
+        if type(tensor) is torch.Tensor and tensor.numel():
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+            if where in seen:
+                continue
+            seen.add(where)
+        once[name] = tensor
+    return once

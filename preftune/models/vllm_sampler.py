@@ -24,6 +24,7 @@ from transformers import GenerationConfig
 
 from preftune.errors import ConfigError
 from preftune.models.generate import Sampling, until_eos
+from preftune.models.load import untied
 from preftune.models.lora import is_lora
 
 INSTALL = "generation.backend=vllm needs the vllm package (pip install 'preftune[vllm]')"
@@ -38,26 +39,12 @@ def plain_weights(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     (fused experts) converted back."""
     model: Any = policy.get_base_model() if is_lora(policy) else policy
     state = _merged(policy) if is_lora(policy) else dict(policy.state_dict())
-    copies = _copies(model)
-    once = {name: tensor.detach() for name, tensor in state.items() if name not in copies}
+    once = {name: tensor.detach() for name, tensor in untied(model, state).items()}
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers before 5 converts nothing at loading
         return once
     return dict(revert_weight_conversion(model, once))
-
-
-def _copies(model: torch.nn.Module) -> set[str]:
-    """The names (adapters' wrappers left out) of weights that share their storage with a
-    weight named before them: tied ones."""
-    seen: set[tuple[Any, ...]] = set()
-    copies = set()
-    for name, tensor in model.state_dict().items():
-        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and where in seen:
-            copies.add(name.replace(".base_layer.", "."))
-        seen.add(where)
-    return copies
 
 
 def _merged(policy: Any) -> dict[str, torch.Tensor]:
@@ -113,7 +100,7 @@ class VLLMSampler:
                 dtype=dtype,
                 gpu_memory_utilization=memory,
                 max_model_len=max_model_len,
-                enable_prefix_caching=False,
+                enable_prefix_caching=True,  # a prompt's k samples share its prefix
             )
 
     def _engine_model(self) -> Any:

@@ -17,6 +17,7 @@ from safetensors.torch import load_model, save_file, save_model
 from transformers import PreTrainedModel
 
 from preftune.errors import TrainingError
+from preftune.models.load import untied
 
 
 def weights_file(name: str) -> str:
@@ -47,15 +48,6 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
         save_file(weights, str(path), metadata={"format": "pt"})
     else:
         save_model(module, str(path))
-
-
-def untied(model: torch.nn.Module, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``state_dict`` (by default the model's own) as ``save_pretrained`` writes it: a tied
-    weight once, under its source's name (the input embeddings, not the output layer that
-    shares them). Loading gives the tied names their weight again."""
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    weights = model.state_dict() if state_dict is None else state_dict
-    return {name: tensor for name, tensor in weights.items() if name not in tied}
 
 
 def write_model_files(directory: Path, model: torch.nn.Module, tokenizer: Any) -> None:

@@ -74,12 +74,9 @@ class Training:
     def __init__(self, run: Run) -> None:
         self.run = run
         acc, cfg, source = run.accelerator, run.config, run.source
-        if cfg.max_steps > 0:
-            self.steps = cfg.max_steps
-        elif source.steps_per_epoch is None:
+        if cfg.max_steps <= 0 and source.steps_per_epoch is None:
             raise ConfigError("train.max_steps is required: this data has no epochs")
-        else:
-            self.steps = cfg.epochs * source.steps_per_epoch
+        self.steps = cfg.total_steps(source.steps_per_epoch or 0)
         objective = run.objective
         owned = dict(objective.modules) if isinstance(objective, OwnsModules) else {}
         sharded = placement.is_sharded(run.model)

@@ -33,12 +33,22 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def pyplot(purpose: str):
-    """matplotlib's pyplot on a file-only backend, or a one-line error saying how to get it."""
+def figure_class(purpose: str) -> type:
+    """matplotlib's Figure (which draws without pyplot's global state or a backend chosen), or
+    a one-line error saying how to get matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401  (the package itself, whatever of it is imported already)
+        from matplotlib.figure import Figure
     except ImportError:
         raise PreftuneError(f"{purpose} needs matplotlib: pip install 'preftune[demo]'") from None
+    return Figure
+
+
+def pyplot(purpose: str):
+    """matplotlib's pyplot on a file-only backend, or a one-line error saying how to get it."""
+    figure_class(purpose)
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -53,10 +63,7 @@ def plot_metrics(output_dir: Path) -> Path | None:
     panels = [(title, keys) for title, keys in PANELS if any(keys[0] in r for r in records)]
     if not panels:
         return None
-    pyplot("plotting metrics")  # matplotlib, or the line saying how to get it
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4 * len(panels), 3.4), dpi=110)
+    figure = figure_class("plotting metrics")(figsize=(4 * len(panels), 3.4), dpi=110)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, keys) in zip(axes, panels, strict=True):
         for key in keys:

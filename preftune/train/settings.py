@@ -88,6 +88,10 @@ class TrainSettings:
         "removed or reordered, or tokenized differently)",
     )
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's optimizer steps: ``max_steps``, else ``epochs`` of ``steps_per_epoch``."""
+        return self.max_steps if self.max_steps > 0 else self.epochs * steps_per_epoch
+
     def __post_init__(self) -> None:
         check_fields(self, "train")
         check_trackers(self.report_to)

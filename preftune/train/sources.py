@@ -188,8 +188,7 @@ def examples_drawn(num_examples: int, cfg: TrainSettings, seed: int) -> list[int
     """The examples a run of ``cfg`` over a list of ``num_examples`` draws in all its steps
     (:class:`ExampleBatches`'s order), each once, in increasing order."""
     sampler = StepSampler(num_examples, cfg.batch_size, seed)
-    steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * sampler.steps_per_epoch
-    return sampler.drawn(steps)
+    return sampler.drawn(cfg.total_steps(sampler.steps_per_epoch))
 
 
 def process_share(indices: list[int], process_index: int, num_processes: int) -> list[int]:

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from preftune.errors import ConfigError, TrainingError
+from preftune.models.load import untied
 from preftune.shares import decide_on_main
 from preftune.train import checkpoint, checkpoint_contents
 from preftune.train.guard import newest_intact_phrase
@@ -284,5 +285,5 @@ def save_pretrained(
     module: Any = unwrapped(acc, model)
     options: dict[str, Any] = {"safe_serialization": True, "max_shard_size": max_shard_size}
     if state_dict is not None:
-        options["state_dict"] = checkpoint_contents.untied(module, state_dict)
+        options["state_dict"] = untied(module, state_dict)
     module.save_pretrained(directory, **options)
