@@ -1,6 +1,6 @@
 """preftune against TRL's DPOTrainer and against the floor, on the same model, tokens and steps.
 
-    python bench/compare_trl.py                             # 3 scenarios x 3 rounds, ~40 min
+    python bench/compare_trl.py                             # 3 scenarios x 3 rounds, ~30 min
     python bench/compare_trl.py --scenarios hh --rounds 1   # a quick look
 
 Builds one Llama-architecture model from a config (no download) and, per scenario, one

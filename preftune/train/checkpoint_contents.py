@@ -34,8 +34,9 @@ def trains_whole(module: torch.nn.Module) -> bool:
 def save_weights(module: torch.nn.Module, path: Path) -> None:
     """The weights a run changes: all of them, or, where some are frozen (LoRA adapters on a
     base model, maybe quantized), only the trainable ones; the rest come from the model the
-    run starts from. A Hugging Face model's whole weights are named as ``save_pretrained``
-    names them (:func:`untied`), so that the file is that model's weights file too."""
+    run starts from. A Hugging Face model's whole weights are written once each, tied ones
+    under their source's name (:func:`untied`), under the names the model holds them by (for a
+    model whose weights transformers converts at loading, fused experts say, not the hub's)."""
     if not trains_whole(module):
         weights = {
             name: parameter.detach().contiguous()
